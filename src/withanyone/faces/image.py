@@ -133,7 +133,9 @@ def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) 
         except ImageLoadError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError(name, f"refused as a decompression bomb ({exc})") from exc
+            raise ImageLoadError(
+                name, f"refused as a decompression bomb: declares too many pixels to decode safely ({exc})"
+            ) from exc
         except UnidentifiedImageError as exc:
             raise ImageLoadError(name, "not a recognised image format (corrupt or not an image)") from exc
         except (OSError, SyntaxError, ValueError, EOFError, struct_error()) as exc:
