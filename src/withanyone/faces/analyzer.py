@@ -60,6 +60,42 @@ class FaceAnalyzer:
         self.backend: FaceBackend = backend if isinstance(backend, FaceBackend) else create_backend(backend, **options)
         #: Number of images passed through the detector / faces through the embedder (cost accounting).
         self.calls = {"detect": 0, "embed": 0}
+        self._pool: Any = None
+        self._pool_size = 0
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool, self._pool_size = None, 0
+
+    def __enter__(self) -> "FaceAnalyzer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pool"], state["_pool_size"] = None, 0
+        return state
+
+    def start_workers(self, workers: int) -> None:
+        """Start (or resize to) ``workers`` processes, each holding its own models; they stay up for later
+        batches until :meth:`close`, so repeated batches pay the start-up once."""
+        if self._pool is not None and self._pool_size == workers:
+            return
+        self.close()
+        ctx = mp.get_context("spawn")  # fork is unsafe once torch/ray threads exist in the parent
+        self._pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.backend.spec(),))
+        self._pool_size = workers
 
     @property
     def backend_name(self) -> str:
@@ -108,12 +144,11 @@ class FaceAnalyzer:
             for img in images:
                 yield self.analyze(img)
             return
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(self.backend.spec(),)) as pool:
-            for res in pool.imap(_worker_analyze, images, chunksize=1):
-                self.calls["detect"] += int(res.error is None)
-                self.calls["embed"] += len(res.faces)
-                yield res
+        self.start_workers(workers)
+        for res in self._pool.imap(_worker_analyze, images, chunksize=1):
+            self.calls["detect"] += int(res.error is None)
+            self.calls["embed"] += len(res.faces)
+            yield res
 
     def analyze_many(self, images: Sequence[ImageInput], workers: int = 1, progress: bool = True,
                      description: str = "faces") -> list[ImageFaces]:
