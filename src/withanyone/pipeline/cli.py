@@ -1,0 +1,126 @@
+"""``withanyone generate``: one image of 1–4 reference people, plus a JSON sidecar to reproduce it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 4:
+        raise typer.BadParameter(f"--box {text!r}: want x1,y1,x2,y2 in pixels")
+    try:
+        x1, y1, x2, y2 = (float(p) for p in parts)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--box {text!r}: not numbers") from exc
+    return x1, y1, x2, y2
+
+
+def generate_command(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
+    ref: list[str] = typer.Option(..., "--ref", "-r", help="Reference per person: a photo or a .npy ArcFace "
+                                  "embedding; repeat, in the order of --box."),
+    out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image (a .json sidecar goes beside it)."),
+    box: list[str] | None = typer.Option(None, "--box", help="Face box x1,y1,x2,y2 in output pixels, one per "
+                                            "--ref (default: automatic placement)."),
+    layout: Path | None = typer.Option(None, "--layout", help="Photo whose faces give the boxes (left to right)."),
+    id_weight: float = typer.Option(1.0, "--id-weight", help="ArcFace branch weight."),
+    siglip_weight: float = typer.Option(0.0, "--siglip-weight", help="SigLIP branch weight (0: SigLIP not loaded)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: drawn and recorded)."),
+    height: int = typer.Option(1024, "--height", help="Output height in pixels (multiple of 16)."),
+    width: int = typer.Option(1024, "--width", help="Output width in pixels (multiple of 16)."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(4.0, "--guidance", help="FLUX-dev distilled guidance."),
+    base: str = typer.Option("black-forest-labs/FLUX.1-dev", "--base", help="FLUX hub id or diffusers folder."),
+    adapter: str = typer.Option("WithAnyone/WithAnyone", "--adapter", help="Adapter hub id, folder or .safetensors."),
+    siglip: str = typer.Option("google/siglip-base-patch16-256-i18n", "--siglip", help="SigLIP hub id or folder."),
+    face_pack: str = typer.Option("antelopev2", "--face-pack", help="insightface pack (name or folder)."),
+    lora: list[str] | None = typer.Option(None, "--lora", help="LoRA file/folder/hub id to load (repeatable)."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Scale of the LoRA(s)."),
+    dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu or auto."),
+    offload: bool = typer.Option(False, "--offload", help="enable_model_cpu_offload() (low GPU memory)."),
+    offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Generate an image of the --ref people (their faces in --box / --layout / automatic boxes)."""
+    import platform
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    boxes = [_parse_box(b) for b in box] if box else None
+    if boxes is not None and layout is not None:
+        raise typer.BadParameter("give either --box or --layout, not both")
+    if boxes is not None and len(boxes) != len(ref):
+        raise typer.BadParameter(f"{len(boxes)} --box for {len(ref)} --ref: give one box per reference")
+
+    import torch
+
+    from ..io import atomic_write_bytes, atomic_write_json
+    from .pipeline import WithAnyonePipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise typer.BadParameter(f"--dtype {dtype!r} is not a torch dtype")
+
+    console.print(f"loading {base} + {adapter} ({dtype}, {device})")
+    pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
+                                              torch_dtype=torch_dtype, local_files_only=offline or None)
+    for i, lo in enumerate(lora or []):
+        pipe.load_lora_weights(lo, adapter_name=f"lora{i}")
+    if lora:
+        pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not progress)
+    with bar:
+        task = bar.add_task("denoising", total=steps)
+        result = pipe(prompt, references=list(ref), boxes=str(layout) if layout is not None else boxes,
+                      id_weight=id_weight, siglip_weight=siglip_weight, height=height, width=width,
+                      num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                      step_callback=lambda i, n: bar.update(task, completed=i))
+
+    import io
+
+    image = result.images[0]
+    buf = io.BytesIO()
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(out.suffix.lower(), "PNG")
+    image.save(buf, format=fmt)
+    atomic_write_bytes(out, buf.getvalue())
+
+    import diffusers
+    import transformers
+
+    from .. import __version__ as withanyone_version
+
+    sidecar = {
+        "prompt": prompt, "references": list(ref), "reference_sources": result.references,
+        "boxes": [list(b) for b in result.boxes],
+        "box_mode": "explicit" if boxes is not None else ("layout" if layout is not None else "auto"),
+        "layout": str(layout) if layout is not None else None,
+        "id_weight": id_weight, "siglip_weight": siglip_weight, "seed": result.seed,
+        "height": height, "width": width, "steps": steps, "guidance": guidance,
+        "lora": list(lora or []), "lora_scale": lora_scale, "dtype": dtype, "device": device, "offload": offload,
+        "models": pipe.model_sources,
+        "versions": {"withanyone": withanyone_version, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "output": str(out),
+    }
+    sidecar_path = out.with_suffix(".json")
+    atomic_write_json(sidecar_path, sidecar)
+    console.print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {sidecar_path}; seed {result.seed}")

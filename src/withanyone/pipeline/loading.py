@@ -1,0 +1,197 @@
+"""Load FLUX + the WithAnyone adapter + SigLIP from hub ids or local paths, with exact missing-file errors.
+
+Defaults: base ``black-forest-labs/FLUX.1-dev`` (diffusers layout), adapter ``WithAnyone/WithAnyone``
+(the released ``withanyone.safetensors``), SigLIP ``google/siglip-base-patch16-256-i18n``, faces from the
+insightface ``antelopev2`` pack. Each source may be a local folder or file instead. Before any weights are
+read, every file the load needs is checked (locally, or in the hub cache when offline), so a missing file
+raises :class:`~withanyone.errors.ModelNotFoundError` naming that file rather than a generic failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFoundError
+
+DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
+DEFAULT_ADAPTER = "WithAnyone/WithAnyone"
+DEFAULT_SIGLIP = "google/siglip-base-patch16-256-i18n"
+DEFAULT_FACE_PACK = "antelopev2"
+#: The released adapter's file name in its hub repo.
+ADAPTER_FILE = "withanyone.safetensors"
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_CONFIG_NAMES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    if local_files_only:
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+class _Source:
+    """A local folder or a hub repo, answering 'give me this file' or saying exactly what is missing."""
+
+    def __init__(self, ref: str | os.PathLike, revision: str | None, local_files_only: bool | None, role: str):
+        self.ref, self.revision, self.role = str(ref), revision, role
+        text = str(ref)
+        self.local = (Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+                      or text.count("/") != 1 or os.sep == "\\" and "\\" in text)
+        self.offline = _offline(local_files_only)
+        self.commit: str | None = None
+
+    def file(self, name: str) -> Path:
+        """Local path of ``name`` inside this source, downloading it when allowed."""
+        if self.local:
+            path = Path(self.ref).expanduser() / name
+            if not path.is_file():
+                raise ModelNotFoundError(f"{self.role}: {path} is missing (local folder {self.ref})")
+            return path
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            got = Path(hf_hub_download(self.ref, name, revision=self.revision, local_files_only=self.offline))
+        except EntryNotFoundError as exc:
+            raise ModelNotFoundError(f"{self.role}: file {name} does not exist in hub repo {self.ref}") from exc
+        except LocalEntryNotFoundError as exc:
+            why = "offline mode is on" if self.offline else "the hub could not be reached"
+            raise ModelNotFoundError(
+                f"{self.role}: file {name} of hub repo {self.ref} is not in the local cache and {why} "
+                f"(and there is no local folder named {self.ref}); download it first "
+                f"(huggingface-cli download {self.ref} {name}) or pass a local folder") from exc
+        except RepositoryNotFoundError as exc:
+            raise ModelNotFoundError(f"{self.role}: hub repo {self.ref} does not exist or is private") from exc
+        if "snapshots" in got.parts:
+            self.commit = got.parts[got.parts.index("snapshots") + 1]
+        return got
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is available (without raising)."""
+        try:
+            self.file(name)
+            return True
+        except ModelNotFoundError:
+            return False
+
+    def describe(self) -> dict[str, Any]:
+        """Where this came from, for sidecars: the path or the repo id and its commit."""
+        if self.local:
+            return {"path": str(Path(self.ref).expanduser().resolve())}
+        return {"repo": self.ref, "revision": self.revision, "commit": self.commit}
+
+
+def _check_weights(src: _Source, folder: str) -> None:
+    """Require a component's weights: a single safetensors file or an index and every shard it lists."""
+    for base in _WEIGHT_NAMES:
+        name = f"{folder}/{base}" if folder else base
+        index = f"{name}.index.json"
+        if src.has(name):
+            return
+        if src.has(index):
+            shards = sorted(set(json.loads(src.file(index).read_text())["weight_map"].values()))
+            for shard in shards:
+                src.file(f"{folder}/{shard}" if folder else shard)
+            return
+    options = " or ".join(f"{folder}/{b}[.index.json + shards]" for b in _WEIGHT_NAMES)
+    raise ModelNotFoundError(f"{src.role}: no weights for component '{folder}' in {src.ref}: expected {options}")
+
+
+def check_base(base: str | os.PathLike, revision: str | None = None, local_files_only: bool | None = None,
+               skip: tuple[str, ...] = ()) -> _Source:
+    """Check that a diffusers-layout FLUX pipeline has every file it needs; raise naming the first missing."""
+    src = _Source(base, revision, local_files_only, "FLUX base")
+    index = json.loads(src.file("model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if name.startswith("tokenizer"):
+            src.file(f"{name}/{_CONFIG_NAMES['tokenizer']}")
+        elif name == "scheduler":
+            src.file(f"{name}/{_CONFIG_NAMES['scheduler']}")
+        else:
+            src.file(f"{name}/config.json")
+            _check_weights(src, name)
+    return src
+
+
+def load_adapter(adapter: Any, revision: str | None = None, local_files_only: bool | None = None,
+                 torch_dtype: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The adapter from a ``WithAnyoneAdapter``, a ``save_pretrained`` folder, the authors' file, or a hub
+    repo holding either; returns it and a description of its source."""
+    from ..model import WithAnyoneAdapter
+
+    if isinstance(adapter, WithAnyoneAdapter):
+        return adapter, {"object": type(adapter).__name__}
+    path = Path(str(adapter)).expanduser()
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelNotFoundError(f"adapter: {path} is missing")
+        model = WithAnyoneAdapter.from_authors_checkpoint(str(path))
+        desc: dict[str, Any] = {"path": str(path.resolve())}
+    else:
+        src = _Source(adapter, revision, local_files_only, "adapter")
+        if src.has("config.json"):
+            weights = src.file("diffusion_pytorch_model.safetensors")
+            model = WithAnyoneAdapter.from_pretrained(str(weights.parent))
+        else:
+            model = WithAnyoneAdapter.from_authors_checkpoint(str(src.file(ADAPTER_FILE)))
+        desc = src.describe()
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return model.eval(), desc
+
+
+def load_siglip(siglip: Any, torch_dtype: Any = None, revision: str | None = None,
+                local_files_only: bool | None = None) -> tuple[Any, Any]:
+    """SigLIP's vision tower and image processor from a hub id or folder (full SigLIP checkpoints too)."""
+    from transformers import AutoImageProcessor, SiglipVisionModel
+
+    src = _Source(siglip, revision, local_files_only, "SigLIP")
+    src.file("config.json")
+    src.file("preprocessor_config.json")
+    _check_weights(src, "")
+    folder = str(src.file("config.json").parent)
+    model = SiglipVisionModel.from_pretrained(folder, torch_dtype=torch_dtype).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: Any = DEFAULT_ADAPTER,
+                    siglip: Any = DEFAULT_SIGLIP, face_pack: Any = DEFAULT_FACE_PACK, *, torch_dtype: Any = None,
+                    revision: str | None = None, local_files_only: bool | None = None, **components: Any) -> Any:
+    """Build a :class:`WithAnyonePipeline` (see the module docstring); ``components`` override base parts."""
+    import torch
+
+    dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
+    src = check_base(base, revision, local_files_only, skip=tuple(components))
+    adapter_model = None
+    adapter_desc: dict[str, Any] | None = None
+    if adapter is not None:
+        adapter_model, adapter_desc = load_adapter(adapter, None, local_files_only, torch_dtype=dtype)
+    folder = str(src.file("model_index.json").parent)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, torch_dtype=dtype, adapter=adapter_model,
+                                                      **components)
+    if siglip is not None:
+        if isinstance(siglip, (str, os.PathLike)):  # loaded (and its files checked) only at first use
+            siglip_ref = str(siglip)
+
+            def siglip_loader() -> tuple[Any, Any]:
+                return load_siglip(siglip_ref, torch_dtype=dtype, local_files_only=local_files_only)
+
+            pipe.set_siglip(siglip_loader)
+        else:
+            pipe.set_siglip(siglip)
+    pipe.set_face_analyzer(face_pack)
+    pipe.model_sources = {
+        "base": src.describe(), "adapter": adapter_desc,
+        "siglip": {"source": str(siglip)} if siglip is not None else None,
+        "face_pack": str(face_pack),
+    }
+    return pipe
