@@ -322,6 +322,8 @@ def test_spec_rebuilds_in_worker_processes(tiny, tmp_path):
     fa = FaceAnalyzer("insightface", pack=tiny.folder, det_size=(160, 128), intra_op_threads=1)
     spec = fa.backend.spec()
     assert spec["pack"] == str(tiny.folder) and spec["det_size"] == [160, 128] and spec["intra_op_threads"] == 1
+    assert InsightFaceBackend(pack=tiny.folder, intra_op_threads=2).spec()["intra_op_threads"] == 2
+    assert InsightFaceBackend(pack=tiny.folder).spec()["intra_op_threads"] == 1  # one thread per worker
     one = fa.analyze_many(imgs, workers=1, progress=False)
     two = fa.analyze_many(imgs, workers=2, progress=False)
     assert [r.source for r in two] == [str(p) for p in imgs]

@@ -69,9 +69,11 @@ class InsightFaceBackend(FaceBackend):
         return make_session(path, self.providers, self.intra_op_threads)
 
     def spec(self) -> dict:
+        """Rebuild arguments for worker processes: the resolved pack folder (no second hub look-up) and, when
+        unset, one onnxruntime thread per worker (workers run side by side; more would oversubscribe cores)."""
         return {"backend": "insightface", "pack": str(self.pack.folder), "det_size": list(self.detector.det_size),
                 "det_thresh": self.detector.det_thresh, "nms_thresh": self.detector.nms_thresh,
-                "providers": list(self.providers), "intra_op_threads": self.intra_op_threads,
+                "providers": list(self.providers), "intra_op_threads": self.intra_op_threads or 1,
                 "detector": self.pack.detector.name, "recognizer": self.pack.recognizer.name}
 
     def detect(self, image: np.ndarray, *, embed: bool = True) -> list[Face]:
