@@ -334,3 +334,17 @@ def test_spec_rebuilds_in_worker_processes(tiny, tmp_path):
             np.testing.assert_allclose(fa_.bbox, fb.bbox, atol=1e-4)
             np.testing.assert_allclose(fa_.embedding, fb.embedding, atol=1e-6)
             assert fb.backend == "insightface"
+
+
+def test_degenerate_images_and_many_faces(tiny, backend):
+    for shape in [(1, 1, 3), (3, 900, 3), (900, 3, 3)]:
+        assert backend.detect(np.full(shape, 255, np.uint8)) == []
+    with pytest.raises(ValueError, match="RGB uint8"):
+        backend.detect(np.zeros((32, 32), np.uint8))
+    crowd = np.zeros((128, 128, 3), np.uint8)
+    crowd[:] = KEY_COLOURS[8]  # every stride-8 cell is hot: 16×16 cells × 2 anchors before NMS
+    faces = backend.detect(crowd)
+    # NMS keeps a lattice: a box 3 cells wide and 4 tall suppresses neighbours with IoU > 0.4.
+    assert 16 <= len(faces) <= 128
+    assert all(f.embedding is not None and f.embedding.shape == (512,) for f in faces)
+    assert all(f.score == pytest.approx(tiny.score(0), abs=1e-6) for f in faces)
