@@ -50,7 +50,7 @@ _register_optional()
 @app.command("demo")
 def demo_command(out: str = typer.Option("demo-out", help="Output folder."),
                  backend: str = typer.Option("dlib", help="Face backend.")) -> None:
-    """Run the main job on the photos bundled in samples/ and write the results to --out."""
+    """Run the face demo and the MultiID-Bench calibration demo on the bundled photos; write to --out."""
     from pathlib import Path
 
     from rich.console import Console
@@ -63,7 +63,15 @@ def demo_command(out: str = typer.Option("demo-out", help="Output folder."),
         mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
         console.print(f"{mark}  {c['image']}: expected {c['expected'] or 'unknown'}, got {c['got'] or 'unknown'}")
     console.print(f"wrote {out}/faces.json and annotated PNGs; all correct: {summary['all_correct']}")
-    if not summary["all_correct"]:
+    from .demo import run_bench_demo
+
+    bench = run_bench_demo(Path(out) / "bench", backend=backend)
+    for c in bench["checks"]:
+        mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
+        val = "–" if c["value"] is None else f"{c['value']:+.3f}"
+        console.print(f"{mark}  {c['check']}: {val}")
+    console.print(f"MultiID-Bench calibration report: {bench['report']}")
+    if not summary["all_correct"] or not bench["all_ok"]:
         raise typer.Exit(1)
 
 

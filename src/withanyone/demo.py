@@ -16,7 +16,7 @@ def run_faces_demo(out: Path, samples: Path = SAMPLES, backend: str = "dlib") ->
     Writes ``<out>/<photo>.png`` (annotated) and ``<out>/faces.json``; returns the summary, whose
     ``all_correct`` says whether every labelled person was named right and every other face left unknown.
     """
-    from .faces import FaceAnalyzer, Gallery, load_image
+    from .faces import FaceAnalyzer, load_image
     from .faces.draw import draw_faces
     from .faces.labels import check_names, load_labels
 
@@ -36,7 +36,7 @@ def run_faces_demo(out: Path, samples: Path = SAMPLES, backend: str = "dlib") ->
             draw_faces(load_image(path), res.faces, tags).save(out / (Path(rel).stem + ".png"))
         images.append({"image": rel, "error": res.error, "faces": [
             {**f.to_dict(with_embedding=False), "name": n, "match_score": round(s, 4)}
-            for f, (n, s) in zip(res.faces, names)]})
+            for f, (n, s) in zip(res.faces, names, strict=False)]})
     summary = {
         "backend": analyzer.backend_name,
         "threshold": analyzer.threshold,
@@ -64,3 +64,25 @@ def _gallery_without_group(samples: Path, analyzer):
         return Gallery.from_folder(tmp, analyzer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_bench_demo(out: Path, samples: Path = SAMPLES, backend: str = "dlib", progress: bool = False) -> dict:
+    """The MultiID-Bench demo: a mini benchmark from the bundled photos, scored for the calibration methods
+    (gt-copy, ref-copy, other-person, face-swap) whose copy-paste is known; writes ``<out>/report.html``.
+
+    Returns ``{"report", "summary", "checks", "all_ok", "stats"}``; ``checks`` compare the p1 numbers with
+    the known answers (gt-copy CP −1, ref-copy CP +1, face-swap between and nearer +1, gt-copy best Sim(GT)).
+    """
+    from .bench.calibration import build_calibration, calibration_checks
+    from .bench.report import write_reports
+    from .bench.runner import run_benchmark
+    from .faces import FaceAnalyzer
+
+    out = Path(out)
+    bench, methods = build_calibration(samples, out / "calibration", analyzer=FaceAnalyzer(backend))
+    stats = run_benchmark(bench, methods, out, face_models=[backend], progress=progress)
+    summary = write_reports(out)
+    model = summary["face_models"][0]["name"] if summary["face_models"] else backend
+    checks = calibration_checks(summary, face_model=model)
+    return {"report": str(out / "report.html"), "summary": summary, "checks": checks,
+            "all_ok": all(c["ok"] for c in checks), "stats": stats}

@@ -1,0 +1,90 @@
+"""CLIP-I (GT vs output) and CLIP-T (output vs prompt) with transformers' CLIP, when its weights load.
+
+Scores are raw cosines of CLIP's projected embeddings (multiply by 100 for the "CLIPScore" convention).
+If torch/transformers are missing or the weights cannot be loaded offline, ``available`` is False and
+``reason`` says what was missing; the report then prints "not computed: <reason>" — never a silent zero.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+
+
+def load_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name)``: a local folder or the local hub cache first, the network last."""
+    if Path(name).is_dir():
+        return cls.from_pretrained(name, **kwargs)
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except Exception:  # not cached: one online try (fails fast without network)
+        return cls.from_pretrained(name, **kwargs)
+
+
+class ClipScorer:
+    """CLIP-I and CLIP-T for one (sample, output); loads ``model`` (hub id or folder) once."""
+
+    name = "clip"
+
+    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu"):
+        self.model_name = model
+        self.available = False
+        self.reason: str | None = None
+        self._gt_cache: dict[str, np.ndarray] = {}
+        try:
+            import torch  # noqa: F401
+            from transformers import CLIPModel, CLIPProcessor
+        except ImportError as exc:
+            self.reason = f"CLIP needs torch and transformers ({exc.name} is not installed)"
+            return
+        try:
+            self.model = load_pretrained(CLIPModel, model).eval().to(device)
+            self.processor = load_pretrained(CLIPProcessor, model)
+        except Exception as exc:
+            self.reason = f"CLIP weights {model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+            return
+        self.device = device
+        self.available = True
+
+    def image_features(self, images: list[Any]) -> np.ndarray:
+        """Unit-norm projected image embeddings (N, D) of images (paths or arrays)."""
+        import torch
+
+        from ..faces import load_image
+
+        arrs = [load_image(i) for i in images]
+        inputs = self.processor(images=arrs, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        feats = out.float().cpu().numpy()
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+    def text_features(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm projected text embeddings (N, D)."""
+        import torch
+
+        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            out = self.model.get_text_features(input_ids=inputs["input_ids"].to(self.device),
+                                               attention_mask=inputs["attention_mask"].to(self.device))
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        feats = out.float().cpu().numpy()
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+    def score(self, sample: Any, output: str | Path) -> dict[str, float]:
+        """``{"clip_i": cos(GT, output), "clip_t": cos(output, prompt)}`` (clip_i only with a GT)."""
+        out = self.image_features([output])[0]
+        res: dict[str, float] = {}
+        if sample.prompt:
+            res["clip_t"] = float(out @ self.text_features([sample.prompt])[0])
+        if sample.gt is not None and Path(sample.gt).is_file():
+            key = str(sample.gt)
+            if key not in self._gt_cache:
+                self._gt_cache[key] = self.image_features([sample.gt])[0]
+            res["clip_i"] = float(out @ self._gt_cache[key])
+        return res

@@ -1,0 +1,260 @@
+"""Resumable benchmark runner: score every (sample, method, face model) once, append results as JSONL.
+
+One row per sample × method × face model goes to ``<out>/results.jsonl`` the moment it is computed; a run
+started again over the same folder skips the rows already there, so a killed run continues and ends with
+the same numbers as an uninterrupted one. Faces come from the content-hash :class:`EmbeddingCache` kept in
+``<out>/cache/``. A sample that cannot be scored is recorded with its reason — the run never aborts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import append_jsonl, atomic_write_json, read_jsonl
+from .cache import REF_PAD, CachedFaces, EmbeddingCache
+from .metrics import PAPER_CP_GATE, score_faces
+from .samples import Benchmark, MethodOutputs, Sample
+
+RESULTS = "results.jsonl"
+RUN_CONFIG = "run.json"
+
+
+@dataclass
+class FaceModelSpec:
+    """A face model to score with: backend name, its options, and its CP gate on Sim(GT) (one, several).
+
+    ``gate`` None means the default: the paper's (0.40, 0.35) for ArcFace-type backends, and the backend's
+    own same-person threshold for dlib (whose cosines are compressed: same ≥ 0.93, different ≤ 0.92).
+    """
+
+    backend: str = "dlib"
+    options: dict[str, Any] = field(default_factory=dict)
+    gate: tuple[float, float] | None = None
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> FaceModelSpec:
+        """``"dlib"``, ``"insightface:pack=antelopev2"``, ``"dlib:gate=0.9/0.9,detector=cnn"``."""
+        backend, _, rest = text.partition(":")
+        opts: dict[str, Any] = {}
+        gate = None
+        for item in filter(None, rest.split(",")):
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"face model option {item!r} in {text!r} is not key=value")
+            if k == "gate":
+                a, _, b = v.partition("/")
+                gate = (float(a), float(b or a))
+                continue
+            try:
+                opts[k] = json.loads(v)
+            except json.JSONDecodeError:
+                opts[k] = v
+        return cls(backend.strip(), opts, gate)
+
+
+def default_gate(analyzer: Any) -> tuple[float, float]:
+    """The CP gate for a face model: the paper's (0.40, 0.35) for ArcFace-type embeddings, the backend's
+    same-person threshold for dlib (the paper's thresholds are tuned for ArcFace cosines)."""
+    if analyzer.backend_name == "dlib":
+        t = float(analyzer.threshold)
+        return (t, t)
+    return PAPER_CP_GATE
+
+
+@dataclass
+class FaceModel:
+    """A loaded face model: its analyzer, cache and gate."""
+
+    name: str
+    analyzer: Any
+    cache: EmbeddingCache
+    gate: tuple[float, float]
+
+
+def load_face_models(specs: Sequence[str | FaceModelSpec], cache_dir: Path | None) -> list[FaceModel]:
+    """Build analyzers + caches for the given specs (``"dlib"`` etc.)."""
+    from ..faces import FaceAnalyzer
+
+    models: list[FaceModel] = []
+    for spec in specs:
+        spec = FaceModelSpec.parse(spec) if isinstance(spec, str) else spec
+        analyzer = FaceAnalyzer(spec.backend, **spec.options)
+        cache = EmbeddingCache(analyzer, cache_dir)
+        name = spec.label or cache.key.split("-")[0]
+        if any(m.name == name for m in models):
+            name = cache.key
+        models.append(FaceModel(name, analyzer, cache, spec.gate or default_gate(analyzer)))
+    return models
+
+
+@dataclass
+class RunStats:
+    """What a run did: rows written / skipped, model calls and cache use per face model, time."""
+
+    rows_written: int = 0
+    rows_skipped: int = 0
+    images_seen: int = 0
+    seconds: float = 0.0
+    calls: dict[str, dict[str, int]] = field(default_factory=dict)
+    cache: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return str(row["sample"]), str(row["method"]), str(row["face_model"])
+
+
+def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``<out>/results.jsonl``, one per (sample, method, face model) — the last one wins — sorted."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in read_jsonl(Path(out_dir) / RESULTS):
+        if "sample" in row and "method" in row and "face_model" in row:
+            rows[_row_key(row)] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def _ref_faces(model: FaceModel, sample: Sample) -> tuple[list[CachedFaces], list[str]]:
+    refs, issues = [], []
+    for k, p in enumerate(sample.references, 1):
+        res = model.cache.faces(p, pad=REF_PAD)
+        refs.append(res)
+        if res.error:
+            issues.append(f"reference {k} unreadable: {res.error}")
+        elif not res.faces:
+            issues.append(f"reference {k} has no face: {p}")
+    return refs, issues
+
+
+def path_missing(res: CachedFaces) -> bool:
+    """True when the error is a missing file or a missing output (not a corrupt one)."""
+    return bool(res.error) and (res.error.endswith("no such file") or res.error.startswith("no output"))
+
+
+def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces, gt: CachedFaces | None,
+                 refs: list[CachedFaces], ref_issues: list[str], output_path: Path | None) -> dict[str, Any]:
+    """One result row: the output's identity scores against GT and references, or why it has none."""
+    row: dict[str, Any] = {
+        "sample": sample.id, "method": method, "face_model": model.name, "subset": sample.subset,
+        "num_persons": sample.num_persons, "status": "ok", "reason": None, "issues": list(ref_issues),
+        "output": str(output_path) if output_path else None, "out_faces": 0, "gt_faces": None,
+        "out_boxes": [], "gt_boxes": [], "ref_boxes": [r.boxes[:1] for r in refs],
+        "sim_gt": None, "sim_ref": None, "sim_gt_unmatched": None, "sim_ref_unmatched": None,
+        "cp": None, "cp_faces": [], "cp_gate_pass": None, "count_mismatch": False,
+    }
+    if out.error or not out.faces:
+        row["status"] = "failed"
+        if out.key is None and path_missing(out):
+            row["reason"] = out.error
+        else:
+            row["reason"] = ("output unreadable: " + out.error) if out.error else "no face in output"
+        return row
+    row["out_faces"] = len(out.faces)
+    row["out_boxes"] = out.boxes
+    gt_emb = None
+    if gt is None:
+        row["issues"].append("no GT image")
+    elif gt.error:
+        row["issues"].append(f"GT unreadable: {gt.error}")
+    else:
+        row["gt_faces"] = len(gt.faces)
+        row["gt_boxes"] = gt.boxes
+        if gt.faces:
+            gt_emb = gt.embeddings
+        else:
+            row["issues"].append("no face in GT")
+    ref_emb = [r.embeddings[0] for r in refs if not r.error and r.faces]
+    if gt_emb is None and not ref_emb:
+        row["status"] = "failed"
+        row["reason"] = "nothing to compare with: " + "; ".join(row["issues"])
+        return row
+    if len(out.faces) != sample.num_persons:
+        row["count_mismatch"] = True
+        row["issues"].append(f"face-count mismatch: output has {len(out.faces)} faces, expected "
+                             f"{sample.num_persons}")
+    s = score_faces(out.embeddings, gt_emb, np.stack(ref_emb) if ref_emb else None)
+    row.update(sim_gt=s.sim_gt, sim_ref=s.sim_ref, sim_gt_unmatched=s.sim_gt_unmatched,
+               sim_ref_unmatched=s.sim_ref_unmatched, cp_faces=s.cp_faces,
+               gt_pairs=s.gt_pairs, ref_pairs=s.ref_pairs)
+    # CP needs one GT face and one reference per generated face: a count mismatch or a missing reference
+    # makes the triples ambiguous, so such samples feed Sim(GT)/Sim(Ref) but not CP.
+    if s.cp is not None and not row["count_mismatch"] and len(ref_emb) == sample.num_persons:
+        row["cp"] = s.cp
+        gate = model.gate
+        row["cp_gate_pass"] = bool(s.sim_gt is not None and s.sim_gt > (gate[0] if sample.num_persons <= 1
+                                                                         else gate[1]))
+    return row
+
+
+def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: str | Path,
+                  face_models: Sequence[str | FaceModelSpec] = ("dlib",), image_metrics: Sequence[Any] = (),
+                  progress: bool = True, max_rows: int | None = None) -> RunStats:
+    """Score ``methods`` on ``bench`` into ``out_dir`` (results.jsonl, cache/, run.json); resumable.
+
+    ``image_metrics`` are objects with ``name``, ``available``/``reason`` and ``score(sample, output) -> dict``
+    (CLIP-I/T, aesthetics); their values are stored on every row of that (sample, method).
+    ``max_rows`` stops after writing that many new rows (for tests and partial runs).
+    """
+    from ..progress import track
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = load_face_models(face_models, out_dir / "cache")
+    done = {_row_key(r) for r in load_results(out_dir)}
+    atomic_write_json(out_dir / RUN_CONFIG, {
+        "benchmark": bench.name, "root": str(bench.root) if bench.root else None,
+        "methods": [m.name for m in methods],
+        "face_models": [{"name": m.name, "backend": m.analyzer.backend_name, "key": m.cache.key,
+                         "threshold": m.analyzer.threshold, "gate": list(m.gate)} for m in models],
+        "image_metrics": {im.name: (None if im.available else im.reason) for im in image_metrics},
+        "reference_padding": REF_PAD,
+    })
+    samples_path = out_dir / "samples.json"
+    known = json.loads(samples_path.read_text()) if samples_path.is_file() else {}
+    known.update({s.id: {"prompt": s.prompt, "gt": str(s.gt) if s.gt else None, "subset": s.subset,
+                         "references": [str(p) for p in s.references]} for s in bench})
+    atomic_write_json(samples_path, known)
+    stats = RunStats()
+    image_memo: dict[tuple[str, str], dict[str, Any]] = {}
+    todo = [(s, m, fm) for s in bench for m in methods for fm in models if (s.id, m.name, fm.name) not in done]
+    stats.rows_skipped = len(bench) * len(methods) * len(models) - len(todo)
+    per_sample: dict[tuple[str, str], tuple[CachedFaces | None, list[CachedFaces], list[str]]] = {}
+    for sample, method, fm in track(todo, total=len(todo), description="bench", enabled=progress):
+        if max_rows is not None and stats.rows_written >= max_rows:
+            break
+        ctx = per_sample.get((sample.id, fm.name))
+        if ctx is None:
+            gt = fm.cache.faces(sample.gt) if sample.gt is not None else None
+            refs, ref_issues = _ref_faces(fm, sample)
+            ctx = per_sample[(sample.id, fm.name)] = (gt, refs, ref_issues)
+        gt, refs, ref_issues = ctx
+        path = method.outputs.get(sample.id)
+        out = fm.cache.faces(path) if path is not None else CachedFaces(None, error="no output for this sample")
+        row = score_output(sample, method.name, fm, out, gt, refs, ref_issues, path)
+        if image_metrics and path is not None and not out.error:
+            memo = image_memo.get((sample.id, method.name))
+            if memo is None:
+                memo = {}
+                for im in image_metrics:
+                    if im.available:
+                        try:
+                            memo.update(im.score(sample, path))
+                        except Exception as exc:  # one bad image never kills the run
+                            memo[f"{im.name}_error"] = f"{type(exc).__name__}: {exc}"
+                image_memo[(sample.id, method.name)] = memo
+            row.update(memo)
+        append_jsonl(out_dir / RESULTS, row)
+        stats.rows_written += 1
+    for fm in models:
+        stats.calls[fm.name] = dict(fm.analyzer.calls)
+        stats.cache[fm.name] = dict(fm.cache.stats, entries=len(fm.cache))
+    stats.images_seen = sum(c["hits"] + c["misses"] for c in stats.cache.values())
+    stats.seconds = time.perf_counter() - t0
+    return stats
