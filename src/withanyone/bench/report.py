@@ -152,14 +152,17 @@ def tradeoff_plot(summary: dict[str, Any], face_model: str, paper_points: bool =
     for ax, sub in zip(axes[0], subs, strict=False):
         board = summary["leaderboard"][sub].get(face_model, {})
         for k, (meth, e) in enumerate(board.items()):
-            sg, cp = e.get("sim_gt"), e.get("cp") or e.get("cp_all")
+            sg, cp, gated = e.get("sim_gt"), e.get("cp"), True
+            if not cp:  # every sample gated out: show the ungated CP, hollow and labelled so
+                cp, gated = e.get("cp_all"), False
             if not sg or not cp or sg.get("mean") is None or cp.get("mean") is None:
                 continue
             x, y = sg["mean"], cp["mean"]
             ax.errorbar(x, y, xerr=[[x - sg["ci_low"]], [sg["ci_high"] - x]],
                         yerr=[[y - cp["ci_low"]], [cp["ci_high"] - y]], fmt="o", color=f"C{k % 10}",
-                        capsize=3, label=meth)
-            ax.annotate(meth, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                        mfc=f"C{k % 10}" if gated else "white", capsize=3, label=meth)
+            ax.annotate(meth if gated else f"{meth} (ungated)", (x, y), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
         if paper_points and sub == "p1":
             xs, ys = zip(*PAPER_POINTS.values(), strict=False)
             ax.scatter(xs, ys, marker="x", color="grey", label="published (paper, buffalo_l)")
