@@ -35,6 +35,19 @@ def pad_to_square(image: np.ndarray, factor: float = REF_PAD) -> tuple[np.ndarra
     return canvas, (ox, oy)
 
 
+def repair_jsonl(path: Path) -> int:
+    """Cut a torn last line (left by a killed run) so new rows start on a fresh line; returns bytes cut."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
 @dataclass
 class CachedFaces:
     """Faces of one image for one face model (boxes in the original image's pixels), or why there are none."""
@@ -76,6 +89,7 @@ class EmbeddingCache:
         self.stats = {"hits": 0, "misses": 0}
         self._mem: dict[str, CachedFaces] = {}
         if self.path is not None:
+            repair_jsonl(self.path)
             for rec in read_jsonl(self.path):
                 self._mem[rec["key"]] = CachedFaces(rec["key"], rec["faces"], rec.get("error"),
                                                     tuple(rec.get("size", (0, 0))))

@@ -18,6 +18,8 @@ def run_command(
     method: list[str] = typer.Option([], "--method", "-m",
                                      help="NAME=FOLDER of a method's outputs named by sample id; repeatable."),
     output_name: str = typer.Option("out.jpg", help="Generated-image file name inside sample folders."),
+    own_method: str = typer.Option("", help="Method name for the outputs inside the sample folders "
+                                            "(default: the benchmark folder's name)."),
     caption_key: str = typer.Option("prompt", help="Prompt key in meta.json (e.g. caption_en)."),
     face_model: list[str] = typer.Option(["dlib"], "--face-model", "-f",
                                          help="Face model spec, repeatable: dlib | insightface:pack=antelopev2 | "
@@ -40,7 +42,8 @@ def run_command(
     src = Path(bench)
     methods = []
     if src.is_dir() and not any(src.glob("*.parquet")):
-        b, own = read_folder_layout(src, output_name=output_name, caption_key=caption_key)
+        b, own = read_folder_layout(src, output_name=output_name, caption_key=caption_key,
+                                    method=own_method or None)
         if own is not None:
             methods.append(own)
     else:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..io import append_jsonl, atomic_write_json, read_jsonl
-from .cache import REF_PAD, CachedFaces, EmbeddingCache
+from .cache import REF_PAD, CachedFaces, EmbeddingCache, repair_jsonl
 from .metrics import PAPER_CP_GATE, score_faces
 from .samples import Benchmark, MethodOutputs, Sample
 
@@ -207,6 +207,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = load_face_models(face_models, out_dir / "cache")
+    repair_jsonl(out_dir / RESULTS)
     done = {_row_key(r) for r in load_results(out_dir)}
     atomic_write_json(out_dir / RUN_CONFIG, {
         "benchmark": bench.name, "root": str(bench.root) if bench.root else None,
