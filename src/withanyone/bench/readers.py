@@ -217,7 +217,7 @@ def convert_hub(source: str | Path = HUB_ID, out_dir: str | Path = "multiid-benc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    for index, row in track(_iter_hub_rows(source, split), description="convert", enabled=progress):
+    for index, row in enumerate(track(_iter_hub_rows(source, split), description="convert", enabled=progress)):
         sid = _safe_id(row.get("ID", row.get("id")), index)
         folder = out_dir / sid
         meta_path = folder / "meta.json"
