@@ -258,10 +258,14 @@ def load_authors_checkpoint(
             name, f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
         )
     for module in model.modules():  # missing weights: materialise and initialise as a fresh layer would
-        if any(p.is_meta for p in module.parameters(recurse=False)):
+        own = dict(module.named_parameters(recurse=False))
+        if any(p.is_meta for p in own.values()):
+            loaded = {n: p.data for n, p in own.items() if not p.is_meta}
             module.to_empty(device="cpu", recurse=False)
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+            for n, data in loaded.items():  # keep the weights the checkpoint did hold
+                getattr(module, n).data = data
     dtype = torch_dtype
     if dtype is None:
         dtypes = [t.dtype for t in adapter_sd.values() if t.is_floating_point()]
