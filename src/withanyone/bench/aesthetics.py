@@ -19,7 +19,8 @@ class AestheticScorer:
 
     name = "aesthetic"
 
-    def __init__(self, model: str = DEFAULT_SIGLIP, head: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, model: str = DEFAULT_SIGLIP, head: str | Path | None = None, device: str = "cpu",
+                 offline: bool | None = None):
         self.available = False
         self.reason: str | None = None
         if head is None:
@@ -35,8 +36,8 @@ class AestheticScorer:
         from .clip_metrics import load_pretrained
 
         try:
-            self.model = load_pretrained(SiglipVisionModel, model).eval().to(device)
-            self.processor = load_pretrained(SiglipImageProcessor, model)
+            self.model = load_pretrained(SiglipVisionModel, model, offline).eval().to(device)
+            self.processor = load_pretrained(SiglipImageProcessor, model, offline)
         except Exception as exc:
             self.reason = f"SigLIP weights {model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
             return

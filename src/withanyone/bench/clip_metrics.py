@@ -7,6 +7,7 @@ If torch/transformers are missing or the weights cannot be loaded offline, ``ava
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,18 @@ import numpy as np
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
-def load_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(name)``: a local folder or the local hub cache first, the network last."""
+def load_pretrained(cls: Any, name: str, offline: bool | None = None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name)``: a local folder or the local hub cache first, then (unless ``offline``
+    or ``HF_HUB_OFFLINE`` is set) one download try — which can take a minute to fail without network."""
     if Path(name).is_dir():
         return cls.from_pretrained(name, **kwargs)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
-    except Exception:  # not cached: one online try (fails fast without network)
+    except Exception:
+        if offline:
+            raise
         return cls.from_pretrained(name, **kwargs)
 
 
@@ -30,7 +36,7 @@ class ClipScorer:
 
     name = "clip"
 
-    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu"):
+    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu", offline: bool | None = None):
         self.model_name = model
         self.available = False
         self.reason: str | None = None
@@ -42,8 +48,8 @@ class ClipScorer:
             self.reason = f"CLIP needs torch and transformers ({exc.name} is not installed)"
             return
         try:
-            self.model = load_pretrained(CLIPModel, model).eval().to(device)
-            self.processor = load_pretrained(CLIPProcessor, model)
+            self.model = load_pretrained(CLIPModel, model, offline).eval().to(device)
+            self.processor = load_pretrained(CLIPProcessor, model, offline)
         except Exception as exc:
             self.reason = f"CLIP weights {model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
             return

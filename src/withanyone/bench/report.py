@@ -32,6 +32,8 @@ METRICS = {
 PAPER_POINTS = {"WithAnyone": (0.460, 0.144), "InstantID": (0.464, 0.337), "PuLID": (0.452, 0.315),
                 "UMO": (0.458, 0.359), "UniPortrait": (0.447, 0.265), "reference-as-output": (0.521, 1.0)}
 IMAGE_METRICS = ("clip_i", "clip_t", "aesthetic")
+#: Labels of metrics that appear only in notes.
+NOTE_LABELS = {"fid": "FID"}
 
 
 def _value(row: dict[str, Any], metric: str) -> float | None:
@@ -106,12 +108,19 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
     not_computed = {}
     for name, why in (cfg.get("image_metrics") or {}).items():
         if why:
-            not_computed[name] = f"not computed: {why}"
+            for m in {"clip": ("clip_i", "clip_t")}.get(name, (name,)):
+                not_computed[m] = f"not computed: {why}"
     for m in IMAGE_METRICS:
         if not any(r.get(m) is not None for r in rows) and m not in not_computed:
             not_computed[m] = "not computed: " + ("no image-metric model was configured for this run"
                                                   if not cfg.get("image_metrics") else "no value produced")
+    fid_path = out_dir / "fid.json"
+    fid = json.loads(fid_path.read_text()) if fid_path.is_file() else None
+    if fid is None:
+        not_computed["fid"] = ("not computed: needs a loadable --clip model (Fréchet distance on CLIP image "
+                               "features; Inception-v3 FID weights are not available offline)")
     return {
+        "fid": fid,
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
         "subsets": subsets, "rows": len(rows), "leaderboard": board, "failures": failures, "issues": issues,
         "problem_counts": dict(sorted(reasons.items())), "not_computed": not_computed,
@@ -224,6 +233,12 @@ def render_markdown(summary: dict[str, Any], plot_files: dict[str, str]) -> str:
                 lines.append(f"| {meth} | {e['samples']} | {e['failed']} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["Cells: mean / robust mean [95 % bootstrap CI] (n).", ""]
+    if summary.get("fid"):
+        lines += [f"## Fréchet distance, GT vs outputs ({summary['fid']['features']})", "",
+                  "| subset | method | FD |", "|---|---|---|"]
+        for sub, per in summary["fid"]["fd"].items():
+            lines += [f"| {sub} | {m} | {v:.4f} |" for m, v in per.items()]
+        lines.append("")
     for fm, f in plot_files.items():
         lines += [f"![Sim(GT) vs CP, {fm}]({f})", ""]
     lines += _problems_md(summary)
@@ -243,7 +258,7 @@ def _notes(summary: dict[str, Any]) -> list[str]:
                    "The paper's 0.40 / 0.35 are tuned for ArcFace (buffalo_l) cosines; each face model has its "
                    "own gate. *CP (gated)* counts only samples passing it, *CP (all)* every sample with a CP.")
     for k, v in summary.get("not_computed", {}).items():
-        out.append(f"- {METRICS.get(k, k)}: {v}")
+        out.append(f"- {METRICS.get(k, NOTE_LABELS.get(k, k))}: {v}")
     out.append("- References are padded to a black square 1.5× their longer side before detection.")
     return out + [""]
 
@@ -311,6 +326,13 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
                 parts.append(f"<tr><td>{e(meth)}</td><td class='num'>{ent['samples']}</td>"
                              f"<td class='num'>{ent['failed']}</td>{''.join(cells)}</tr>")
             parts.append("</tbody></table>")
+    if summary.get("fid"):
+        parts.append(f"<h2>Fréchet distance, GT vs outputs ({e(summary['fid']['features'])})</h2><table>"
+                     "<tr><th>subset</th><th>method</th><th>FD</th></tr>")
+        for sub, per in summary["fid"]["fd"].items():
+            parts += [f"<tr><td>{e(sub)}</td><td>{e(m)}</td><td class='num'>{v:.4f}</td></tr>"
+                      for m, v in per.items()]
+        parts.append("</table>")
     parts.append("<h2>Identity fidelity vs copy-paste</h2>")
     for fm, png in plots.items():
         parts.append(f"<img class='plot' alt='Sim(GT) vs CP, {e(fm)}' "

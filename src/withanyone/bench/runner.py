@@ -253,6 +253,13 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
             row.update(memo)
         append_jsonl(out_dir / RESULTS, row)
         stats.rows_written += 1
+    clip = next((im for im in image_metrics if im.name == "clip" and im.available), None)
+    if clip is not None:  # set-level: Fréchet distance of CLIP features, GT set vs each method's outputs
+        from .fid import fid_by_method
+
+        rows = [r for r in load_results(out_dir) if r["face_model"] == models[0].name]
+        atomic_write_json(out_dir / "fid.json", {"features": f"CLIP image features ({clip.model_name})",
+                                                 "fd": fid_by_method(rows, known, clip)})
     for fm in models:
         stats.calls[fm.name] = dict(fm.analyzer.calls)
         stats.cache[fm.name] = dict(fm.cache.stats, entries=len(fm.cache))
