@@ -41,10 +41,11 @@ class FaceModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> FaceModelSpec:
-        """``"dlib"``, ``"insightface:pack=antelopev2"``, ``"dlib:gate=0.9/0.9,detector=cnn"``."""
+        """``"dlib"``, ``"insightface:pack=antelopev2"``, ``"dlib:gate=0.9/0.9,detector=cnn,label=dlib-cnn"``."""
         backend, _, rest = text.partition(":")
         opts: dict[str, Any] = {}
         gate = None
+        label = ""
         for item in filter(None, rest.split(",")):
             k, sep, v = item.partition("=")
             if not sep:
@@ -53,11 +54,14 @@ class FaceModelSpec:
                 a, _, b = v.partition("/")
                 gate = (float(a), float(b or a))
                 continue
+            if k == "label":
+                label = v
+                continue
             try:
                 opts[k] = json.loads(v)
             except json.JSONDecodeError:
                 opts[k] = v
-        return cls(backend.strip(), opts, gate)
+        return cls(backend.strip(), opts, gate, label)
 
 
 def default_gate(analyzer: Any) -> tuple[float, float]:

@@ -1,0 +1,45 @@
+"""Several face models at once, their average, and per-model CP gates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from withanyone.bench.metrics import PAPER_CP_GATE
+from withanyone.bench.report import write_reports
+from withanyone.bench.runner import FaceModelSpec, load_results, run_benchmark
+from withanyone.bench.samples import Benchmark, MethodOutputs, Sample
+
+
+def test_face_model_spec_parsing():
+    s = FaceModelSpec.parse("insightface:pack=antelopev2,gate=0.4/0.35,label=arc")
+    assert s.backend == "insightface" and s.options == {"pack": "antelopev2"} and s.gate == (0.4, 0.35)
+    assert s.label == "arc"
+    s = FaceModelSpec.parse("dlib:num_jitters=1,gate=0.9")
+    assert s.options == {"num_jitters": 1} and s.gate == (0.9, 0.9)
+    with pytest.raises(ValueError, match="key=value"):
+        FaceModelSpec.parse("dlib:oops")
+
+
+def test_two_face_models_and_their_average(samples_dir, tmp_path):
+    s = samples_dir
+    people = ("obama", "biden", "scarlett")
+    bench = Benchmark("two-models", [Sample(p, p, [s / p / "2.jpg"], gt=s / p / "1.jpg") for p in people])
+    meth = MethodOutputs("gt", {p: s / p / "1.jpg" for p in people})
+    other = MethodOutputs("ref", {p: s / p / "2.jpg" for p in people})
+    specs = ["dlib", FaceModelSpec("dlib", {"max_side": 320}, gate=PAPER_CP_GATE, label="dlib-small")]
+    stats = run_benchmark(bench, [meth, other], tmp_path, face_models=specs, progress=False)
+    # each model detects each distinct image once: 3 GT (= gt outputs), 3 padded refs, 3 raw refs
+    assert stats.calls == {"dlib": {"detect": 9, "embed": 9}, "dlib-small": {"detect": 9, "embed": 9}}
+    summary = write_reports(tmp_path)
+    board = summary["leaderboard"]["p1"]
+    assert set(board) == {"dlib", "dlib-small", "average"}
+    rows = load_results(tmp_path)
+    a = {r["sample"]: r["sim_ref"] for r in rows if r["face_model"] == "dlib" and r["method"] == "gt"}
+    b = {r["sample"]: r["sim_ref"] for r in rows if r["face_model"] == "dlib-small" and r["method"] == "gt"}
+    assert a != b  # detection on a smaller copy moves landmarks: really two models
+    expected = np.mean([(a[p] + b[p]) / 2 for p in people])
+    assert board["average"]["gt"]["sim_ref"]["mean"] == pytest.approx(expected)
+    assert summary["gates"] == {"dlib": [0.925, 0.925], "dlib-small": [0.4, 0.35]}
+    md = (tmp_path / "report.md").read_text()
+    assert "## p1 · face model average" in md and "Sim(GT) > 0.400 (one person)" in md
