@@ -140,6 +140,9 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
         #: "sparse" (gather → attend → scatter over tokens inside some box) or "dense" (every token; the
         #: release's computation, kept for checks and benchmarks).
         self.attention_mode: Literal["sparse", "dense"] = "sparse"
+        #: reuse each block's ID keys/values across the calls of one identities() block when gradients are
+        #: off (the ID tokens do not change between denoising steps)
+        self.cache_kv: bool = True
         self.load_report: LoadReport | None = None
         self._handles: list[Any] = []
         self._transformer_ref: weakref.ref | None = None
@@ -453,7 +456,7 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
             id_weight=state.id_weight,
             siglip_weight=state.siglip_weight,
             dense=dense,
-            kv_cache=state.kv_cache,
+            kv_cache=state.kv_cache if self.cache_kv else None,
         )
         return None
 

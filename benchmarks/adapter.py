@@ -1,0 +1,168 @@
+"""Identity-adapter overhead at FLUX-dev width: blocks + adapter over blocks alone, side by side in one run.
+
+One double + one single FLUX block (width 3072, 24 heads), a 1024×1024 image (4096 image tokens) + 512
+text tokens, bf16 on CPU, two people with 256×256-pixel face boxes (2 × 256 = 512 covered tokens):
+
+- ``authors_dense``: the release's design — both branches (ArcFace 8 + SigLIP 264 tokens per person)
+  on every image token, K/V of the ID tokens projected again in every call;
+- ``ours_arcface``: the sparse adapter (gather → attend → scatter over the covered tokens), ArcFace
+  branch only (SigLIP branch skipped at weight 0);
+- ``ours_siglip``: the sparse adapter with both branches.
+
+Each variant is timed on its second call inside one ``identities()`` block (a denoising step: ID tokens
+encoded and, for ours, ID keys/values projected on the first call); the first-call overhead of ours is
+printed too. Calls are interleaved per repeat and ratios are medians over repeats of per-repeat
+ratios to the bare forward. A second estimate times the adapter's hook work inside the same forwards.
+The machine may be shared: read the spread, not just the median. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def build(width: int, heads: int, head_dim: int, text_dim: int, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    from withanyone.model import WithAnyoneAdapter
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=text_dim,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16),
+        ).eval()
+        adapter = WithAnyoneAdapter(
+            num_double_blocks=1, num_single_blocks=1, hidden_size=width, num_heads=24 if width >= 1536 else heads
+        ).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return transformer, adapter.attach(transformer)
+
+
+def inputs_for(size: int, text_len: int, text_dim: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    side = size // 16
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "hidden_states": torch.randn(1, side * side, 64, generator=g).to(dtype),
+        "encoder_hidden_states": torch.randn(1, text_len, text_dim, generator=g).to(dtype),
+        "pooled_projections": torch.randn(1, 768, generator=g).to(dtype),
+        "timestep": torch.tensor([0.5], dtype=dtype),
+        "guidance": torch.tensor([4.0], dtype=dtype),
+        "img_ids": ids.reshape(-1, 3).to(dtype),
+        "txt_ids": torch.zeros(text_len, 3, dtype=dtype),
+        "return_dict": False,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024 → 4096 tokens)")
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--small", action="store_true", help="width 384 / 3 heads: a quick check of the script")
+    args = parser.parse_args()
+
+    dtype = torch.bfloat16
+    if args.small:
+        width, heads, head_dim, text_dim = 384, 3, 128, 256
+    else:
+        width, heads, head_dim, text_dim = 3072, 24, 128, 4096
+    t0 = time.perf_counter()
+    transformer, adapter = build(width, heads, head_dim, text_dim, dtype)
+    inputs = inputs_for(args.size, args.text_len, text_dim, dtype)
+    k = args.size / 1024  # two 256×256-pixel faces at 1024², scaled with the image
+    boxes = [[(128 * k, 192 * k, 384 * k, 448 * k), (640 * k, 192 * k, 896 * k, 448 * k)]]
+    g = torch.Generator().manual_seed(1)
+    arcface = torch.nn.functional.normalize(torch.randn(1, 2, 512, generator=g), dim=-1).to(dtype)
+    siglip = torch.randn(1, 2, 256, 768, generator=g).to(dtype)
+    print(
+        f"# width {width}, {heads} heads, {args.size}² image ({(args.size // 16) ** 2} tokens) + {args.text_len} text "
+        f"tokens, bf16, {torch.get_num_threads()} threads, boxes {boxes[0]} (built in {time.perf_counter() - t0:.0f}s)"
+    )
+
+    hook_time = [0.0]
+    residual = adapter._residual
+
+    def timed_residual(*a, **k):
+        start = time.perf_counter()
+        out = residual(*a, **k)
+        hook_time[0] += time.perf_counter() - start
+        return out
+
+    adapter._residual = timed_residual
+
+    variants = {
+        "authors_dense": dict(mode="dense", cache=False, siglip=siglip, id_weight=1.0, siglip_weight=1.0),
+        "ours_arcface": dict(mode="sparse", cache=True, siglip=None, id_weight=1.0, siglip_weight=0.0),
+        "ours_siglip": dict(mode="sparse", cache=True, siglip=siglip, id_weight=1.0, siglip_weight=1.0),
+    }
+
+    def forward() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            transformer(**inputs)
+        return time.perf_counter() - start
+
+    forward()  # warm-up (allocator, oneDNN kernels)
+    times: dict[str, list[float]] = {"blocks": [], **{k: [] for k in variants}}
+    first: dict[str, list[float]] = {k: [] for k in variants}
+    share: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(args.repeats):
+        times["blocks"].append(forward())
+        for name, v in variants.items():
+            adapter.attention_mode, adapter.cache_kv = v["mode"], v["cache"]
+            with adapter.identities(
+                arcface=arcface,
+                siglip=v["siglip"],
+                boxes=boxes,
+                height=args.size,
+                width=args.size,
+                id_weight=v["id_weight"],
+                siglip_weight=v["siglip_weight"],
+            ):
+                first[name].append(forward())
+                hook_time[0] = 0.0
+                t = forward()
+                times[name].append(t)
+                share[name].append(hook_time[0] / t)
+        line = ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+        print(f"repeat {rep + 1}/{args.repeats}: {line}", flush=True)
+
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(times[name], times["blocks"], strict=True)) for name in variants
+    }
+    print(
+        f"blocks alone: median {statistics.median(times['blocks']):.2f}s, all {[round(t, 2) for t in times['blocks']]}"
+    )
+    for name in variants:
+        per_rep = [round(t / b, 3) for t, b in zip(times[name], times["blocks"], strict=True)]
+        in_run = statistics.median(1.0 / (1.0 - s) for s in share[name])
+        first_ratio = statistics.median(t / b for t, b in zip(first[name], times["blocks"], strict=True))
+        print(
+            f"{name:14s} ratio {ratios[name]:.3f} (per repeat {per_rep}); from hook time inside the same forward "
+            f"{in_run:.3f}; first call in a block {first_ratio:.3f}"
+        )
+    print(json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+
+
+if __name__ == "__main__":
+    main()
