@@ -1,0 +1,79 @@
+"""MultiID-Bench runner cost: samples/s and face-model calls, ours (content-hash cache) vs the authors' pattern.
+
+The authors' evaluator re-detects per scored sample: the output for each of its metrics, the GT twice and
+each reference twice — 5 + 2r detection+embedding calls for r references. Ours detects each distinct image
+once per face model. Both are measured in this run on the calibration mini benchmark built from the bundled
+photos (dlib backend); the authors' pattern is timed on a slice of the rows and reported per row.
+The machine is shared with other engineers' jobs, so absolute speeds are noisy; the call ratio is exact.
+Last line: one JSON object of headline figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from withanyone.bench.cache import REF_PAD, pad_to_square  # noqa: E402
+from withanyone.bench.calibration import build_calibration  # noqa: E402
+from withanyone.bench.runner import run_benchmark  # noqa: E402
+from withanyone.faces import FaceAnalyzer, load_image  # noqa: E402
+
+SAMPLES = REPO / "samples" / "faces"
+AUTHORS_ROWS = 12  # rows of the authors' pattern actually timed
+
+
+def main() -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-bench-"))
+    bench, methods = build_calibration(SAMPLES, tmp / "calibration")
+    rows = [(s, m) for s in bench for m in methods if s.id in m.outputs]
+
+    t0 = time.perf_counter()
+    stats = run_benchmark(bench, methods, tmp / "run", progress=False)
+    ours_s = time.perf_counter() - t0
+    ours_calls = stats.calls["dlib"]["detect"]
+    distinct = stats.cache["dlib"]["entries"]
+
+    # the authors' pattern: no cache, 3× output + 2× GT + 2× each padded reference, per scored row
+    fa = FaceAnalyzer("dlib")
+    sl = rows[:: max(1, len(rows) // AUTHORS_ROWS)][:AUTHORS_ROWS]
+    t0 = time.perf_counter()
+    for s, m in sl:
+        out = load_image(m.outputs[s.id])
+        for _ in range(3):
+            fa.detect(out)
+        gt = load_image(s.gt)
+        for _ in range(2):
+            fa.detect(gt)
+        for r in s.references:
+            padded = pad_to_square(load_image(r), REF_PAD)[0]
+            for _ in range(2):
+                fa.detect(padded)
+    authors_s_per_row = (time.perf_counter() - t0) / len(sl)
+    authors_calls_slice = fa.calls["detect"]
+    authors_calls_total = sum(5 + 2 * len(s.references) for s, _ in rows)
+    assert authors_calls_slice == sum(5 + 2 * len(s.references) for s, _ in sl)
+
+    ours_sps = len(rows) / ours_s
+    authors_sps = 1.0 / authors_s_per_row
+    print(f"calibration benchmark: {len(bench)} samples × {len(methods)} methods = {len(rows)} scored rows, "
+          f"{distinct} distinct images (dlib, 2 shared cores, machine loaded by colleagues)")
+    print(f"{'':28s}{'ours':>12s}{'authors':>12s}{'ratio':>10s}")
+    print(f"{'detect+embed calls':28s}{ours_calls:12d}{authors_calls_total:12d}{authors_calls_total / ours_calls:9.2f}x")
+    print(f"{'calls per scored row':28s}{ours_calls / len(rows):12.2f}{authors_calls_total / len(rows):12.2f}")
+    print(f"{'calls per distinct image':28s}{ours_calls / distinct:12.2f}{authors_calls_total / distinct:12.2f}")
+    print(f"{'rows (samples) per second':28s}{ours_sps:12.2f}{authors_sps:12.2f}{ours_sps / authors_sps:9.2f}x"
+          f"   (authors' timed on {len(sl)} rows)")
+    return {"samples_per_s": round(ours_sps, 3), "calls_per_image": round(ours_calls / distinct, 3),
+            "authors_calls_ratio": round(authors_calls_total / ours_calls, 3),
+            "authors_samples_per_s": round(authors_sps, 3), "speedup": round(ours_sps / authors_sps, 3),
+            "rows": len(rows), "calls": ours_calls, "authors_calls": authors_calls_total}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
