@@ -20,10 +20,22 @@ from withanyone.data.faces_stage import FaceRecord, PhotoRecord, yaw_proxy
 from withanyone.data.filters import FilterConfig, filter_photo
 from withanyone.data.ingest import InputItem, image_extension, ingest, read_item_bytes
 from withanyone.data.manifest import UnitManifest, check_settings, make_units
-from withanyone.data.reader import (iter_references, iter_samples, load_npy_restricted, read_cluster_centers,
-                                    read_negative_pool)
-from withanyone.data.shards import (image_label, json_bytes, npy_bytes, remove_stale_temporaries,
-                                    write_cluster_centers, write_negative_pool, write_shard)
+from withanyone.data.reader import (
+    iter_references,
+    iter_samples,
+    load_npy_restricted,
+    read_cluster_centers,
+    read_negative_pool,
+)
+from withanyone.data.shards import (
+    image_label,
+    json_bytes,
+    npy_bytes,
+    remove_stale_temporaries,
+    write_cluster_centers,
+    write_negative_pool,
+    write_shard,
+)
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 60  # enough for format sniffing; never decoded in these tests
 
