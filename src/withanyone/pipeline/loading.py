@@ -56,14 +56,14 @@ class _Source:
 
         try:
             got = Path(hf_hub_download(self.ref, name, revision=self.revision, local_files_only=self.offline))
-        except EntryNotFoundError as exc:
-            raise ModelNotFoundError(f"{self.role}: file {name} does not exist in hub repo {self.ref}") from exc
-        except LocalEntryNotFoundError as exc:
+        except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: test it first)
             why = "offline mode is on" if self.offline else "the hub could not be reached"
             raise ModelNotFoundError(
                 f"{self.role}: file {name} of hub repo {self.ref} is not in the local cache and {why} "
                 f"(and there is no local folder named {self.ref}); download it first "
                 f"(huggingface-cli download {self.ref} {name}) or pass a local folder") from exc
+        except EntryNotFoundError as exc:
+            raise ModelNotFoundError(f"{self.role}: file {name} does not exist in hub repo {self.ref}") from exc
         except RepositoryNotFoundError as exc:
             raise ModelNotFoundError(f"{self.role}: hub repo {self.ref} does not exist or is private") from exc
         if "snapshots" in got.parts:
@@ -119,31 +119,56 @@ def check_base(base: str | os.PathLike, revision: str | None = None, local_files
     return src
 
 
-def load_adapter(adapter: Any, revision: str | None = None, local_files_only: bool | None = None,
-                 torch_dtype: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The adapter from a ``WithAnyoneAdapter``, a ``save_pretrained`` folder, the authors' file, or a hub
-    repo holding either; returns it and a description of its source."""
-    from ..model import WithAnyoneAdapter
-
-    if isinstance(adapter, WithAnyoneAdapter):
-        return adapter, {"object": type(adapter).__name__}
+def locate_adapter(adapter: Any, revision: str | None = None,
+                   local_files_only: bool | None = None) -> tuple[str, Path, dict[str, Any]]:
+    """Find the adapter's weights without loading them: ``("diffusers", folder)`` for a ``save_pretrained``
+    folder or ``("authors", file)`` for the released single file; raises naming the missing file."""
     path = Path(str(adapter)).expanduser()
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise ModelNotFoundError(f"adapter: {path} is missing")
-        model = WithAnyoneAdapter.from_authors_checkpoint(str(path))
-        desc: dict[str, Any] = {"path": str(path.resolve())}
+        return "authors", path, {"path": str(path.resolve())}
+    src = _Source(adapter, revision, local_files_only, "adapter")
+    if src.has("config.json"):
+        weights = src.file("diffusion_pytorch_model.safetensors")
+        return "diffusers", weights.parent, src.describe()
+    weights = src.file(ADAPTER_FILE)
+    return "authors", weights, src.describe()
+
+
+def load_adapter(adapter: Any, revision: str | None = None, local_files_only: bool | None = None,
+                 torch_dtype: Any = None, num_double_blocks: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The adapter from a ``WithAnyoneAdapter``, a ``save_pretrained`` folder, the authors' file, or a hub
+    repo holding either; returns it and a description of its source. ``num_double_blocks`` (the
+    transformer's) tells the authors' flat block list where double blocks end (inferred for FLUX-dev)."""
+    from ..model import WithAnyoneAdapter
+
+    if isinstance(adapter, WithAnyoneAdapter):
+        return adapter, {"object": type(adapter).__name__}
+    kind, path, desc = locate_adapter(adapter, revision, local_files_only)
+    if kind == "diffusers":
+        model = WithAnyoneAdapter.from_pretrained(str(path), **_dtype_kwarg(torch_dtype))
     else:
-        src = _Source(adapter, revision, local_files_only, "adapter")
-        if src.has("config.json"):
-            weights = src.file("diffusion_pytorch_model.safetensors")
-            model = WithAnyoneAdapter.from_pretrained(str(weights.parent))
-        else:
-            model = WithAnyoneAdapter.from_authors_checkpoint(str(src.file(ADAPTER_FILE)))
-        desc = src.describe()
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+        model = WithAnyoneAdapter.from_authors_checkpoint(str(path), torch_dtype=torch_dtype,
+                                                          num_double_blocks=num_double_blocks)
     return model.eval(), desc
+
+
+def WithAnyoneAdapterType() -> type:  # noqa: N802
+    """The adapter class (imported lazily: torch + diffusers)."""
+    from ..model import WithAnyoneAdapter
+
+    return WithAnyoneAdapter
+
+
+def _dtype_kwarg(torch_dtype: Any) -> dict[str, Any]:
+    """``dtype=`` for diffusers ≥ 0.36 (``torch_dtype`` is deprecated there), ``torch_dtype=`` before."""
+    if torch_dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": torch_dtype}
 
 
 def load_siglip(siglip: Any, torch_dtype: Any = None, revision: str | None = None,
@@ -169,15 +194,17 @@ def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: A
 
     dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
     src = check_base(base, revision, local_files_only, skip=tuple(components))
-    adapter_model = None
-    adapter_desc: dict[str, Any] | None = None
-    if adapter is not None:
-        adapter_model, adapter_desc = load_adapter(adapter, None, local_files_only, torch_dtype=dtype)
+    if adapter is not None and not isinstance(adapter, WithAnyoneAdapterType()):
+        locate_adapter(adapter, None, local_files_only)  # a missing adapter file fails before the base loads
     folder = str(src.file("model_index.json").parent)
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, torch_dtype=dtype, adapter=adapter_model,
-                                                      **components)
+    pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, **_dtype_kwarg(dtype), **components)
+    adapter_desc: dict[str, Any] | None = None
+    if adapter is not None:
+        adapter_model, adapter_desc = load_adapter(adapter, None, local_files_only, torch_dtype=dtype,
+                                                   num_double_blocks=len(pipe.transformer.transformer_blocks))
+        pipe.set_identity_adapter(adapter_model)
     if siglip is not None:
         if isinstance(siglip, (str, os.PathLike)):  # loaded (and its files checked) only at first use
             siglip_ref = str(siglip)

@@ -85,6 +85,14 @@ class WithAnyonePipeline(FluxPipeline):
             loading.DEFAULT_SIGLIP if siglip == "default" else siglip,
             loading.DEFAULT_FACE_PACK if face_pack == "default" else face_pack, **kwargs)
 
+    def set_identity_adapter(self, adapter: Any) -> None:
+        """Use ``adapter`` (a ``WithAnyoneAdapter``, or None): detach the previous one, attach this one."""
+        if self.adapter is not None and self.adapter is not adapter:
+            self.adapter.detach()
+        self.register_modules(adapter=adapter)
+        if adapter is not None:
+            adapter.attach(self.transformer)
+
     # ------------------------------------------------------------------ lazily loaded helpers
     def set_siglip(self, siglip: Any) -> None:
         """SigLIP for the SigLIP branch: ``(model, processor)``, a hub id / folder, or a callable
