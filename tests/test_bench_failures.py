@@ -109,7 +109,7 @@ def test_report_escapes_prompts_and_names(corrupted_run):
 
 def _cli(out: Path, bench: Path) -> list[str]:
     return [sys.executable, "-m", "withanyone", "bench", "run", str(bench), "--out", str(out),
-            "--caption-key", "caption_en", "--own-method", "m", "--no-progress"]
+            "--caption-key", "caption_en", "--own-method", "m", "--no-progress", "--offline"]
 
 
 def _strip(summary: dict) -> dict:

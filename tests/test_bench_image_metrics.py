@@ -67,9 +67,12 @@ def test_clip_scores_from_a_saved_model(tiny_clip, samples_dir):
 
 def test_clip_not_computed_reasons(tmp_path):
     c = ClipScorer(DEFAULT_CLIP, offline=True)  # not in the local cache, no download attempted
-    assert not c.available and DEFAULT_CLIP in c.reason
-    c = ClipScorer(str(tmp_path / "missing"), offline=True)
-    assert not c.available and "could not be loaded" in c.reason
+    assert not c.available and DEFAULT_CLIP in c.reason and "not in the local Hugging Face cache" in c.reason
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    c = ClipScorer(str(broken), offline=True)
+    assert not c.available and "could not be loaded" in c.reason and "broken" in c.reason
     a = AestheticScorer("google/siglip-so400m-patch14-384")
     assert not a.available and "no aesthetic head" in a.reason
 

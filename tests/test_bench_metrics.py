@@ -29,7 +29,7 @@ def ref_theta(a, b):
     """Angle via atan2(|a×b| generalised, a·b) on unit vectors — no arccos, so an independent route."""
     a = np.asarray(a, float) / np.linalg.norm(a)
     b = np.asarray(b, float) / np.linalg.norm(b)
-    dot = float(np.clip(sum(x * y for x, y in zip(a, b)), -1, 1))
+    dot = float(np.clip(sum(x * y for x, y in zip(a, b, strict=True)), -1, 1))
     cross = math.sqrt(max(0.0, float(np.sum(np.outer(a, b) ** 2) - dot * dot)))  # |a|²|b|² − (a·b)² = |a∧b|²
     return math.atan2(cross, dot)
 

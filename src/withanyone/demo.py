@@ -74,13 +74,16 @@ def run_bench_demo(out: Path, samples: Path = SAMPLES, backend: str = "dlib", pr
     the known answers (gt-copy CP −1, ref-copy CP +1, face-swap between and nearer +1, gt-copy best Sim(GT)).
     """
     from .bench.calibration import build_calibration, calibration_checks
+    from .bench.clip_metrics import DEFAULT_CLIP, ClipScorer
     from .bench.report import write_reports
     from .bench.runner import run_benchmark
     from .faces import FaceAnalyzer
 
     out = Path(out)
     bench, methods = build_calibration(samples, out / "calibration", analyzer=FaceAnalyzer(backend))
-    stats = run_benchmark(bench, methods, out, face_models=[backend], progress=progress)
+    # CLIP-I/T when the weights are already on this machine (no download in the demo); else "not computed"
+    clip = ClipScorer(DEFAULT_CLIP, offline=True)
+    stats = run_benchmark(bench, methods, out, face_models=[backend], image_metrics=[clip], progress=progress)
     summary = write_reports(out)
     model = summary["face_models"][0]["name"] if summary["face_models"] else backend
     checks = calibration_checks(summary, face_model=model)

@@ -33,13 +33,13 @@ class AestheticScorer:
         except ImportError as exc:
             self.reason = f"aesthetics need torch and transformers ({exc.name} is not installed)"
             return
-        from .clip_metrics import load_pretrained
+        from .clip_metrics import _why, load_pretrained
 
         try:
             self.model = load_pretrained(SiglipVisionModel, model, offline).eval().to(device)
             self.processor = load_pretrained(SiglipImageProcessor, model, offline)
         except Exception as exc:
-            self.reason = f"SigLIP weights {model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+            self.reason = f"SigLIP weights {model!r} " + _why(model, offline, exc)
             return
         head = Path(head)
         if not head.is_file():

@@ -24,8 +24,11 @@ def run_command(
     face_model: list[str] = typer.Option(["dlib"], "--face-model", "-f",
                                          help="Face model spec, repeatable: dlib | insightface:pack=antelopev2 | "
                                               "dlib:gate=0.9/0.9"),
-    clip: str = typer.Option("", help="CLIP model for CLIP-I/CLIP-T (hub id or folder, e.g. "
-                                      "openai/clip-vit-base-patch16); empty = not computed."),
+    clip: str = typer.Option("openai/clip-vit-base-patch16",
+                             help="CLIP model for CLIP-I/CLIP-T and the Fréchet distance (hub id or folder); "
+                                  "'' = skip."),
+    offline: bool = typer.Option(False, help="Load model weights only from local folders / the local hub "
+                                             "cache (also when HF_HUB_OFFLINE=1)."),
     aesthetic: str = typer.Option("", help="Aesthetic predictor: SIGLIP_MODEL::HEAD.safetensors; empty = off."),
     paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
@@ -60,12 +63,12 @@ def run_command(
     if clip:
         from .clip_metrics import ClipScorer
 
-        image_metrics.append(ClipScorer(clip))
+        image_metrics.append(ClipScorer(clip, offline=offline or None))
     if aesthetic:
         from .aesthetics import AestheticScorer
 
         model, _, head = aesthetic.partition("::")
-        image_metrics.append(AestheticScorer(model, head or None))
+        image_metrics.append(AestheticScorer(model, head or None, offline=offline or None))
     for im in image_metrics:
         if not im.available:
             console.print(f"[yellow]{im.name}: not computed: {im.reason}[/]")

@@ -31,6 +31,15 @@ def load_pretrained(cls: Any, name: str, offline: bool | None = None, **kwargs: 
         return cls.from_pretrained(name, **kwargs)
 
 
+def _why(model: str, offline: bool | None, exc: Exception) -> str:
+    """Why weights did not load, in a few words."""
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and not Path(model).exists():
+        return "are not in the local Hugging Face cache (offline: no download tried)"
+    return f"could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+
+
 class ClipScorer:
     """CLIP-I and CLIP-T for one (sample, output); loads ``model`` (hub id or folder) once."""
 
@@ -51,7 +60,7 @@ class ClipScorer:
             self.model = load_pretrained(CLIPModel, model, offline).eval().to(device)
             self.processor = load_pretrained(CLIPProcessor, model, offline)
         except Exception as exc:
-            self.reason = f"CLIP weights {model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+            self.reason = f"CLIP weights {model!r} " + _why(model, offline, exc)
             return
         self.device = device
         self.available = True
