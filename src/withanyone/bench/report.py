@@ -110,15 +110,20 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         if why:
             for m in {"clip": ("clip_i", "clip_t")}.get(name, (name,)):
                 not_computed[m] = f"not computed: {why}"
+    hint = {"clip_i": "no CLIP model configured (--clip)", "clip_t": "no CLIP model configured (--clip)",
+            "aesthetic": "no aesthetic predictor configured (--aesthetic SIGLIP::HEAD.safetensors)"}
+    configured = set(cfg.get("image_metrics") or {})
     for m in IMAGE_METRICS:
         if not any(r.get(m) is not None for r in rows) and m not in not_computed:
-            not_computed[m] = "not computed: " + ("no image-metric model was configured for this run"
-                                                  if not cfg.get("image_metrics") else "no value produced")
+            owner = "clip" if m.startswith("clip") else m
+            not_computed[m] = "not computed: " + (hint[m] if owner not in configured else "no value produced")
     fid_path = out_dir / "fid.json"
     fid = json.loads(fid_path.read_text()) if fid_path.is_file() else None
     if fid is None:
-        not_computed["fid"] = ("not computed: needs a loadable --clip model (Fréchet distance on CLIP image "
-                               "features; Inception-v3 FID weights are not available offline)")
+        why = (cfg.get("image_metrics") or {}).get("clip")
+        not_computed["fid"] = ("not computed: Fréchet distance uses CLIP image features (Inception-v3 FID weights "
+                               "are not loadable offline) and " + (f"CLIP weights were missing: {why}" if why
+                                                                   else "no CLIP model was configured"))
     return {
         "fid": fid,
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
