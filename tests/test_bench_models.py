@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,32 @@ def test_two_face_models_and_their_average(samples_dir, tmp_path):
     assert summary["gates"] == {"dlib": [0.925, 0.925], "dlib-small": [0.4, 0.35]}
     md = (tmp_path / "report.md").read_text()
     assert "## p1 · face model average" in md and "Sim(GT) > 0.400 (one person)" in md
+
+
+def test_cli_run_with_method_folders_and_report(samples_dir, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from withanyone.bench.cli import app
+
+    s = samples_dir
+    root, outs = tmp_path / "bench", tmp_path / "mine"
+    outs.mkdir()
+    for p in ("obama", "biden"):
+        (root / p).mkdir(parents=True)
+        shutil.copyfile(s / p / "1.jpg", root / p / "ori.jpg")
+        shutil.copyfile(s / p / "2.jpg", root / p / "ref_1.jpg")
+        (root / p / "meta.json").write_text(json.dumps({"prompt": f"photo of {p}"}))
+        shutil.copyfile(s / p / "1.jpg", outs / f"{p}.jpg")
+    res = CliRunner().invoke(app, ["run", str(root), "-m", f"mine={outs}", "--out", str(tmp_path / "res"),
+                                   "--clip", "", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = load_results(tmp_path / "res")
+    assert [(r["sample"], r["method"], r["status"]) for r in rows] == [("biden", "mine", "ok"), ("obama", "mine", "ok")]
+    assert all(r["cp"] == pytest.approx(-1.0) for r in rows)
+    (tmp_path / "res" / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--paper-points"])
+    assert res.exit_code == 0 and (tmp_path / "res" / "report.html").is_file()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert res.exit_code != 0
