@@ -286,7 +286,8 @@ def read_negative_pool(path: str | Path) -> NegativePool:
         meta = f.metadata() or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     try:
-        ids = json.loads(meta["ids"])
-    except (KeyError, ValueError) as exc:
-        raise DatasetError(f"{path}: missing 'ids' metadata") from exc
-    return NegativePool(ids, t["embeddings"], t["identity"], t["offsets"], meta.get("backend", ""))
+        info = json.loads(meta["withanyone"])
+        ids = list(info["ids"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: missing 'withanyone' metadata with the identity ids") from exc
+    return NegativePool(ids, t["embeddings"], t["identity"], t["offsets"], info.get("backend", ""))

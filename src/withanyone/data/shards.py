@@ -101,7 +101,8 @@ def write_cluster_centers(path: str | Path, ids: Sequence[str], centers: np.ndar
 def write_negative_pool(path: str | Path, ids: Sequence[str], per_identity: Sequence[np.ndarray],
                         backend: str = "") -> None:
     """Negative pool for contrastive training (safetensors): ``embeddings`` (M, D) float32, ``identity``
-    (M,) int64 index into the ``ids`` list stored as JSON metadata, ``offsets`` (I+1,) int64."""
+    (M,) int64 index into the ``ids`` list, ``offsets`` (I+1,) int64; ids and backend in the ``withanyone``
+    metadata entry (JSON)."""
     from safetensors.numpy import save
 
     mats = [np.asarray(e, dtype=np.float32).reshape(len(e), -1) for e in per_identity]
@@ -110,5 +111,7 @@ def write_negative_pool(path: str | Path, ids: Sequence[str], per_identity: Sequ
     ident = np.concatenate([np.full(len(m), k, np.int64) for k, m in enumerate(mats)]) if mats else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum([len(m) for m in mats])]).astype(np.int64)
     data = save({"embeddings": np.ascontiguousarray(emb), "identity": ident, "offsets": offsets},
-                metadata={"ids": json.dumps(list(ids)), "backend": backend, "format": "withanyone-negatives-v1"})
+                # one metadata key: safetensors orders several keys by a hash map, which breaks byte-identity
+                metadata={"withanyone": json.dumps({"format": "withanyone-negatives-v1", "ids": list(ids),
+                                                    "backend": backend}, sort_keys=True)})
     atomic_write_bytes(path, data)
