@@ -36,22 +36,20 @@ def saved(tmp_path_factory):
     return root
 
 
-def _reference_images():
+def test_from_pretrained_local_folders_and_authors_file_match_in_memory(saved, tmp_path):
     p = WithAnyonePipeline(**get_dummy_components(), adapter=tiny_adapter())
     p.set_progress_bar_config(disable=True)
-    return p(**get_dummy_inputs(), references=EMB, id_weight=3.0).images
-
-
-def test_from_pretrained_local_folders_and_authors_file_match_in_memory(saved):
-    expected = _reference_images()
-    for adapter in (saved / "adapter", saved / "authors", saved / "authors" / "withanyone.safetensors"):
-        pipe = WithAnyonePipeline.from_pretrained(saved / "flux", adapter=adapter, siglip=saved / "siglip",
+    expected = p(**get_dummy_inputs(), references=EMB, id_weight=3.0).images
+    p.save_pretrained(tmp_path / "whole")  # a saved WithAnyonePipeline brings its adapter along
+    for adapter in ("default", saved / "adapter", saved / "authors", saved / "authors" / "withanyone.safetensors"):
+        base = tmp_path / "whole" if adapter == "default" else saved / "flux"
+        pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=saved / "siglip",
                                                   face_pack=None, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         assert pipe.adapter.attached
         got = pipe(**get_dummy_inputs(), references=EMB, id_weight=3.0).images
         np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=str(adapter))  # fp32 load-order noise
-        assert pipe.model_sources["base"]["path"] == str((saved / "flux").resolve())
+        assert pipe.model_sources["base"]["path"] == str(base.resolve())
     assert not pipe.siglip_loaded
     model, processor = pipe.load_siglip()
     assert model.config.hidden_size == 32 and pipe.siglip_loaded

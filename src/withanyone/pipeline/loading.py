@@ -189,11 +189,22 @@ def load_siglip(siglip: Any, torch_dtype: Any = None, revision: str | None = Non
 def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: Any = DEFAULT_ADAPTER,
                     siglip: Any = DEFAULT_SIGLIP, face_pack: Any = DEFAULT_FACE_PACK, *, torch_dtype: Any = None,
                     revision: str | None = None, local_files_only: bool | None = None, **components: Any) -> Any:
-    """Build a :class:`WithAnyonePipeline` (see the module docstring); ``components`` override base parts."""
+    """Build a :class:`WithAnyonePipeline` (see the module docstring); ``components`` override base parts.
+
+    ``adapter="default"`` takes the base folder's own ``adapter/`` (a ``WithAnyonePipeline.save_pretrained``
+    output) when it has one, else ``WithAnyone/WithAnyone``.
+    """
     import torch
 
     dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
     src = check_base(base, revision, local_files_only, skip=tuple(components))
+    index = json.loads(src.file("model_index.json").read_text())
+    if "adapter" in index and "adapter" not in components:
+        components["adapter"] = None  # loaded below by our loader (diffusers cannot import it by library name)
+        if adapter == "default" and isinstance(index["adapter"], list) and index["adapter"][0] is not None:
+            adapter = src.file("adapter/config.json").parent
+    if adapter == "default":
+        adapter = DEFAULT_ADAPTER
     if adapter is not None and not isinstance(adapter, WithAnyoneAdapterType()):
         locate_adapter(adapter, None, local_files_only)  # a missing adapter file fails before the base loads
     folder = str(src.file("model_index.json").parent)

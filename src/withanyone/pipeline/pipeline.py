@@ -74,14 +74,15 @@ class WithAnyonePipeline(FluxPipeline):
                         face_pack: Any = "default", **kwargs: Any) -> WithAnyonePipeline:
         """Load FLUX (``base``), the adapter, SigLIP and the face pack from hub ids (the defaults:
         ``black-forest-labs/FLUX.1-dev``, ``WithAnyone/WithAnyone``, ``google/siglip-base-patch16-256-i18n``,
-        ``antelopev2``) or local paths; a missing file raises ``ModelNotFoundError`` naming it. ``adapter=None``
+        ``antelopev2``) or local paths; a missing file raises ``ModelNotFoundError`` naming it. A folder written
+        by ``save_pretrained`` brings its own adapter. ``adapter=None``
         / ``siglip=None`` leave those out; other keyword arguments (``torch_dtype``, ``local_files_only``,
         ``revision``, component overrides such as ``transformer=``) go to the loader."""
         from . import loading
 
         return loading.from_pretrained(
             cls, base if base is not None else loading.DEFAULT_BASE,
-            loading.DEFAULT_ADAPTER if adapter == "default" else adapter,
+            adapter,
             loading.DEFAULT_SIGLIP if siglip == "default" else siglip,
             loading.DEFAULT_FACE_PACK if face_pack == "default" else face_pack, **kwargs)
 
