@@ -74,3 +74,43 @@ def test_cli_run_with_method_folders_and_report(samples_dir, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "res" / "report.html").is_file()
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert res.exit_code != 0
+
+
+def test_insightface_pack_beside_dlib(samples_dir, tmp_path):
+    """The ONNX insightface backend (a tiny pack: key-coloured squares are its "faces") runs beside dlib:
+    own rows, own 512-d embeddings, the paper's gate by default, and an average over both."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+    from tiny_models.insightface_pack import build_tiny_pack, paint_key
+
+    pack = build_tiny_pack(tmp_path / "pack" / "antelopev2", extras=False)
+    people = ("obama", "biden")
+    samples, outs = [], {}
+    for k, p in enumerate(people):
+        d = tmp_path / p
+        d.mkdir()
+        # a key-coloured square is a tiny-pack "face" (it fires on several overlapping cells: several faces)
+        gt = paint_key(np.asarray(Image.open(samples_dir / p / "1.jpg").convert("RGB")), 0, 0, 96, 96)
+        ref = paint_key(np.asarray(Image.open(samples_dir / p / "2.jpg").convert("RGB")), 0, 0, 96 + 32 * k, 96)
+        Image.fromarray(gt).save(d / "ori.png")
+        Image.fromarray(ref).save(d / "ref_1.png")
+        samples.append(Sample(p, p, [d / "ref_1.png"], gt=d / "ori.png"))
+        outs[p] = d / "ori.png"
+    bench = Benchmark("mixed", samples)
+    specs = ["dlib", FaceModelSpec("insightface", {"pack": str(pack.folder)}, label="arc-tiny")]
+    stats = run_benchmark(bench, [MethodOutputs("gt-copy", outs)], tmp_path / "res", face_models=specs,
+                          progress=False)
+    assert stats.calls["arc-tiny"]["detect"] == 4 and stats.calls["dlib"]["detect"] == 4
+    rows = load_results(tmp_path / "res")
+    arc = [r for r in rows if r["face_model"] == "arc-tiny"]
+    assert len(arc) == 2 and all(r["status"] == "ok" and r["sim_gt"] == pytest.approx(1.0) for r in arc)
+    assert all(r["sim_ref"] is not None and r["sim_ref"] < 0.999 for r in arc)
+    # the square fires as several faces: recorded as a face-count mismatch, kept out of CP, Sim still fed
+    assert all(r["count_mismatch"] and r["cp"] is None for r in arc)
+    assert all(any("face-count mismatch" in i for i in r["issues"]) for r in arc)
+    dl = [r for r in rows if r["face_model"] == "dlib"]
+    assert all(r["cp"] == pytest.approx(-1.0) and not r["count_mismatch"] for r in dl)
+    summary = write_reports(tmp_path / "res", gallery=False)
+    assert summary["gates"]["arc-tiny"] == list(PAPER_CP_GATE)
+    assert summary["leaderboard"]["p1"]["average"]["gt-copy"]["sim_gt"]["mean"] == pytest.approx(1.0)
+    assert summary["problem_counts"] == {"face-count mismatch": 2}
