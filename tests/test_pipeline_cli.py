@@ -122,7 +122,7 @@ def test_full_siglip_checkpoint_gives_its_vision_tower(tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def test_generate_cli_writes_image_and_sidecar(saved, tmp_path):
+def test_generate_cli_writes_image_and_sidecar(saved, tmp_path, shared_faces):
     from typer.testing import CliRunner
 
     from withanyone.cli import app
@@ -151,6 +151,38 @@ def test_generate_cli_writes_image_and_sidecar(saved, tmp_path):
     res2 = runner.invoke(app, common + ["--out", str(tmp_path / "again.png"), "--no-progress"])
     assert res2.exit_code == 0, res2.output
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(img))
+    assert side["models"]["siglip"] == {"source": str(saved / "siglip")}  # never loaded at siglip_weight 0
+    # a LoRA (saved in diffusers' format) changes the picture
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    donor = get_dummy_components()["transformer"]
+    torch.manual_seed(1)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                 init_lora_weights=False))
+    WithAnyonePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(donor))
+    # ... with a photo reference through an insightface-format pack, and the SigLIP branch on
+    from tiny_models.insightface_pack import build_tiny_pack, paint_key
+
+    from withanyone.faces import load_image
+
+    build_tiny_pack(tmp_path / "pack")
+    Image.fromarray(paint_key(load_image(shared_faces / "obama" / "1.jpg"), 100, 80, 196, 176)).save(tmp_path / "o.png")
+    i = common.index("--ref")
+    photo_args = common[:i] + ["--ref", str(tmp_path / "o.png"), "--box", "8,8,40,40"] + common[i + 8:]
+    res3 = runner.invoke(app, photo_args + ["--out", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "lora"),
+                                            "--lora-scale", "2", "--siglip-weight", "1", "--no-progress",
+                                            "--face-pack", str(tmp_path / "pack")])
+    assert res3.exit_code == 0, res3.output + repr(res3.exception)
+    lora_img = np.asarray(Image.open(tmp_path / "lora.png")).astype(int)
+    assert np.abs(lora_img - np.asarray(img).astype(int)).max() > 2
+    side3 = json.loads((tmp_path / "lora.json").read_text())
+    assert side3["lora"] == [str(tmp_path / "lora")] and side3["lora_scale"] == 2.0
+    assert side3["models"]["siglip"] == {"path": str((saved / "siglip").resolve())}  # loaded: siglip_weight 1
+    assert side3["models"]["face_analyzer"]["pack"] == str(tmp_path / "pack") and side3["boxes"] == [[8, 8, 40, 40]]
+    # a reference the SigLIP branch cannot use: a clean error, no traceback
+    res4 = runner.invoke(app, common + ["--out", str(tmp_path / "y.png"), "--siglip-weight", "1"])
+    assert res4.exit_code == 1 and "SigLIP branch needs the face photo" in res4.output
+    assert "Traceback" not in res4.output
     # bad input: one box for two people
     i = common.index("--box")
     bad = runner.invoke(app, common[:i] + common[i + 4:] + ["--box", "0,0,8,8", "--out", str(tmp_path / "x.png")])

@@ -70,9 +70,15 @@ def generate_command(
     if not isinstance(torch_dtype, torch.dtype):
         raise typer.BadParameter(f"--dtype {dtype!r} is not a torch dtype")
 
+    from ..errors import WithAnyoneError
+
     console.print(f"loading {base} + {adapter} ({dtype}, {device})")
-    pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
-                                              torch_dtype=torch_dtype, local_files_only=offline or None)
+    try:
+        pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
+                                                  torch_dtype=torch_dtype, local_files_only=offline or None)
+    except (WithAnyoneError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
     for i, lo in enumerate(lora or []):
         pipe.load_lora_weights(lo, adapter_name=f"lora{i}")
     if lora:
@@ -87,12 +93,16 @@ def generate_command(
 
     bar = Progress(TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress)
-    with bar:
-        task = bar.add_task("denoising", total=steps)
-        result = pipe(prompt, references=list(ref), boxes=str(layout) if layout is not None else boxes,
-                      id_weight=id_weight, siglip_weight=siglip_weight, height=height, width=width,
-                      num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                      step_callback=lambda i, n: bar.update(task, completed=i))
+    try:
+        with bar:
+            task = bar.add_task("denoising", total=steps)
+            result = pipe(prompt, references=list(ref), boxes=str(layout) if layout is not None else boxes,
+                          id_weight=id_weight, siglip_weight=siglip_weight, height=height, width=width,
+                          num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                          step_callback=lambda i, n: bar.update(task, completed=i))
+    except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
 
     import io
 
@@ -115,7 +125,7 @@ def generate_command(
         "id_weight": id_weight, "siglip_weight": siglip_weight, "seed": result.seed,
         "height": height, "width": width, "steps": steps, "guidance": guidance,
         "lora": list(lora or []), "lora_scale": lora_scale, "dtype": dtype, "device": device, "offload": offload,
-        "models": pipe.model_sources,
+        "models": {**pipe.model_sources, "face_analyzer": pipe.face_analyzer_spec()},
         "versions": {"withanyone": withanyone_version, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},

@@ -221,7 +221,11 @@ def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: A
             siglip_ref = str(siglip)
 
             def siglip_loader() -> tuple[Any, Any]:
-                return load_siglip(siglip_ref, torch_dtype=dtype, local_files_only=local_files_only)
+                loaded = load_siglip(siglip_ref, torch_dtype=dtype, local_files_only=local_files_only)
+                where = _Source(siglip_ref, None, local_files_only, "SigLIP")
+                where.file("config.json")  # cached by now; records the hub commit
+                pipe.model_sources["siglip"] = where.describe()
+                return loaded
 
             pipe.set_siglip(siglip_loader)
         else:

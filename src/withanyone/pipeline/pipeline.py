@@ -165,6 +165,10 @@ class WithAnyonePipeline(FluxPipeline):
                              "or WithAnyonePipeline(..., adapter=WithAnyoneAdapter.from_pretrained(...))")
         if siglip_weight > 0 and not getattr(self.adapter.config, "use_siglip", True):
             raise ValueError("`siglip_weight` > 0 but the adapter has no SigLIP branch (use_siglip=False)")
+        from .layout import _looks_like_boxes, validate_boxes
+
+        if boxes is not None and _looks_like_boxes(boxes):
+            validate_boxes(boxes, len(references), height, width)
 
     def prepare_identities(self, references: Sequence[Any], *, need_crop: bool) -> list[Reference]:
         """References → :class:`Reference` records (ArcFace vector + face crop), in order."""
@@ -276,6 +280,11 @@ class WithAnyonePipeline(FluxPipeline):
         result = WithAnyonePipelineOutput(out.images, list(used_boxes), arcface, siglip, seed,
                                           [r.source for r in refs])
         return result if return_dict else (result.images,)
+
+    def face_analyzer_spec(self) -> dict[str, Any] | None:
+        """How the face analyzer in use was built (resolved pack folder, models), or None if never created."""
+        backend = getattr(self._face_analyzer, "backend", None)
+        return backend.spec() if backend is not None else None
 
     def _is_offloading(self) -> bool:
         return getattr(self, "_offload_device", None) is not None and bool(getattr(self, "_all_hooks", None))
