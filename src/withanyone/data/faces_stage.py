@@ -143,8 +143,12 @@ class FaceUnitWorker:
         self.fetch = fetch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"unit": [], "photos": [], "faces": [], "errors": []}
+        import os
+        import time
+
+        out: dict[str, list] = {"unit": [], "photos": [], "faces": [], "errors": [], "t0": [], "t1": [], "pid": []}
         for unit, items in zip(batch["unit"], batch["items"], strict=True):
+            t0 = time.time()
             records = [analyze_photo(self.analyzer, int(i), InputItem.from_dict(d), self.fetch)
                        for i, d in json.loads(str(items))]
             write_unit(unit_path(self.work, int(unit)), records)
@@ -152,4 +156,7 @@ class FaceUnitWorker:
             out["photos"].append(len(records))
             out["faces"].append(sum(len(r.faces) for r in records))
             out["errors"].append(sum(r.error is not None for r in records))
+            out["t0"].append(t0)
+            out["t1"].append(time.time())
+            out["pid"].append(os.getpid())
         return out

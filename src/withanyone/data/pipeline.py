@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,14 +102,27 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
     units = make_units(len(items), unit_size)
 
     started = _ensure_ray(address, workers)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
     try:
         _faces_stage(items, units, work, spec, settings_fp, workers, fetch, progress)
+        lap("faces_s")
         bank = _bank_stage(units, work, filters, th, min_photos)
+        lap("bank_s")
         bank_fp = fingerprint({"settings": settings_fp, "table": bank.table(),
                                "centers": bank.centers().round(6).tolist(),
                                "members": [[m.photo for m in p.members] for p in bank.identities]})
         _write_bank(out, work, bank, bank_fp, negatives_per_identity, backend, progress, fetch)
+        lap("references_s")
         _write_stage(units, out, work, bank, bank_fp, th, filters, workers, progress, fetch, backend)
+        lap("write_s")
     finally:
         if started:
             import ray
@@ -117,7 +131,7 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
     report = summarize(out, bank.table(), {
         "backend": backend, "thresholds": th.to_dict(), "filters": asdict(filters), "units": len(units),
         "optional_stages": optional_models(), "names_dropped": bank.dropped, "names_merged": bank.merged,
-        "bank_outliers": bank.outliers})
+        "bank_outliers": bank.outliers, "timings": timings, "workers": workers})
     return BuildResult(out, report["photos"], report["identities"], report["train_rec"], report["train_cp"], report)
 
 
@@ -170,10 +184,10 @@ def _faces_stage(items: list[InputItem], units: list[range], work: Path, spec: d
     rows = [{"unit": u, "items": json.dumps([[i, items[i].to_dict()] for i in units[u]])} for u in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         FaceUnitWorker, fn_constructor_kwargs={"backend_spec": spec, "work": str(work), "fetch": fetch},
-        batch_size=1, concurrency=workers, num_cpus=1)
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     for row in track(ds.iter_rows(), total=len(pending), description="faces", enabled=progress):
         manifest.mark(int(row["unit"]), photos=int(row["photos"]), faces=int(row["faces"]),
-                      errors=int(row["errors"]))
+                      errors=int(row["errors"]), t0=float(row["t0"]), t1=float(row["t1"]), pid=int(row["pid"]))
 
 
 def _bank_stage(units: list[range], work: Path, filters: FilterConfig, th: Thresholds,
@@ -346,6 +360,7 @@ def _write_stage(units: list[range], out: Path, work: Path, bank: ReferenceBank,
               "own_refs": {k: {str(p): n for p, n in v.items()} for k, v in own.items()},
               "fetch": fetch, "backend": backend}
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending)).map_batches(
-        UnitWriter, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=workers, num_cpus=1)
+        UnitWriter, fn_constructor_kwargs=kwargs, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1)
     for row in track(ds.iter_rows(), total=len(pending), description="shards", enabled=progress):
         manifest.mark(int(row["unit"]), rec=int(row["rec"]), cp=int(row["cp"]))
