@@ -277,6 +277,11 @@ def test_embeddings_equal_numpy_expectation_in_one_batched_run(tmp_path, style):
     assert got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(got, want, atol=2e-5)
+    # The raw norm is kept (the release feeds the unnormalised vector to the adapter), and equals the graph's.
+    raw = real_run(None, {be.recognizer.input_name: ((crops.astype(np.float32) - be.recognizer.input_mean)
+                                                      / be.recognizer.input_std).transpose(0, 3, 1, 2)})[0]
+    np.testing.assert_allclose([f.extra["embedding_norm"] for f in faces], np.linalg.norm(raw, axis=1), rtol=1e-5)
+    assert np.ptp([f.extra["embedding_norm"] for f in faces]) > 0  # a real per-face value, not a constant
     # Feeding the graph the other normalisation gives clearly different vectors: detecting it is what matters.
     wrong = (127.5, 127.5) if style == "mxnet" else (0.0, 1.0)
     assert np.abs(pack.expected_embedding(crops, *wrong) - want).max() > 0.05

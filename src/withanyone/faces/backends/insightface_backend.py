@@ -97,8 +97,13 @@ class InsightFaceBackend(FaceBackend):
         image = _as_rgb(image)
         size = self.recognizer.input_size
         crops = np.stack([align_face(image, f.landmarks, size) for f in faces])
-        for f, v in zip(faces, self.recognizer.embed_crops(crops), strict=True):
+        raw = self.recognizer.embed_crops(crops, normalize=False)
+        # The release feeds insightface's raw (unnormalised) ``embedding`` to the adapter, whose first layer is
+        # not scale-invariant: keep the norm so the pipeline can restore it.
+        norms = np.linalg.norm(raw, axis=1)
+        for f, v, n in zip(faces, l2_normalize(raw), norms, strict=True):
             f.embedding = v
+            f.extra["embedding_norm"] = float(n)
         return faces
 
 
@@ -187,8 +192,8 @@ class ArcFaceRecognizer:
             width = int(session.run(None, {self.input_name: probe})[0].shape[-1])
         self.embedding_dim = int(width)
 
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Embed aligned crops in as few runs as the model's batch dimension allows."""
+    def embed_crops(self, crops: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Embed aligned crops in as few runs as the model's batch dimension allows (unit-norm unless told)."""
         crops = np.asarray(crops)
         if crops.ndim != 4 or crops.shape[1:] != (self.input_size, self.input_size, 3):
             raise ValueError(f"{self.path}: crops must be (N, {self.input_size}, {self.input_size}, 3), "
@@ -197,7 +202,8 @@ class ArcFaceRecognizer:
         step = self.batch or len(blob)
         outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(blob[i:i + step])})[0]
                 for i in range(0, len(blob), step)]
-        return l2_normalize(np.concatenate(outs).reshape(len(blob), -1))
+        out = np.concatenate(outs).reshape(len(blob), -1).astype(np.float32)
+        return l2_normalize(out) if normalize else out
 
 
 # ----------------------------------------------------------------------------- decoding building blocks
