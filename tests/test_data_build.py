@@ -209,3 +209,44 @@ def test_sigkill_mid_run_then_resume_gives_identical_shards(ray_session, samples
     build_dataset(inputs, out, workers=1, unit_size=1, progress=False)
     assert output_bytes(out) == output_bytes(ref_out)
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_cli_builds_from_a_webdataset_tar_input(ray_session, samples_dir, tmp_path):
+    import tarfile
+
+    from typer.testing import CliRunner
+
+    from withanyone.cli import app
+
+    tar = tmp_path / "crawl-000.tar"
+    with tarfile.open(tar, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, __import__("io").BytesIO(data))
+
+        for person in ("obama", "biden"):
+            for p in sorted((samples_dir / person).glob("*.jpg")):
+                add(f"{person}_{p.stem}.jpg", p.read_bytes())
+                add(f"{person}_{p.stem}.json", json.dumps({"search_name": person}).encode())
+        add("g1.jpg", (samples_dir / "group" / "1.jpg").read_bytes())
+        add("g1.txt", b"two men in suits")
+        add("zz.jpg", b"\xff\xd8\xff broken")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    r = runner.invoke(app, ["build-dataset", "--input", str(tar), "--out", str(out), "--unit-size", "3",
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads((out / "identities.json").read_text())) == ["biden", "obama"]
+    g1 = [s for s in iter_samples(out / "train_cp") if s.url == f"{tar}#g1.jpg"]
+    assert len(g1) == 1 and sorted(g1[0].names) == ["biden", "obama"] and g1[0].caption == "two men in suits"
+    refs = list(iter_references(out / "ref" / "tars"))
+    assert {r.identity for r in refs} == {"biden", "obama"} and all(r.image_bytes[:2] == b"\xff\xd8" for r in refs)
+    rep = json.loads((out / "report.json").read_text())
+    assert [c["source"] for c in rep["corrupt_inputs"]] == [f"{tar}#zz.jpg"]
+    r = runner.invoke(app, ["build-dataset", "--input", str(tmp_path / "missing"), "--out", str(out)])
+    assert r.exit_code == 2 and "no such file" in " ".join(r.output.split())
+    r = runner.invoke(app, ["build-dataset", "--input", str(tar), "--out", str(out), "--unit-size", "5",
+                            "--no-progress"])
+    msg = " ".join(r.output.split())
+    assert r.exit_code == 2 and "settings differ (unit_size)" in msg and "--overwrite" in msg
