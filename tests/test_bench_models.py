@@ -114,3 +114,15 @@ def test_insightface_pack_beside_dlib(samples_dir, tmp_path):
     assert summary["gates"]["arc-tiny"] == list(PAPER_CP_GATE)
     assert summary["leaderboard"]["p1"]["average"]["gt-copy"]["sim_gt"]["mean"] == pytest.approx(1.0)
     assert summary["problem_counts"] == {"face-count mismatch": 2}
+
+
+def test_worker_processes_give_identical_rows_and_calls(samples_dir, tmp_path):
+    s = samples_dir
+    people = ("obama", "newton", "scarlett")
+    bench = Benchmark("w", [Sample(p, p, [s / p / "2.jpg"], gt=s / p / "1.jpg") for p in people])
+    methods = [MethodOutputs("gt", {p: s / p / "1.jpg" for p in people}),
+               MethodOutputs("other", {p: s / p / "3.jpg" for p in people})]
+    one = run_benchmark(bench, methods, tmp_path / "one", progress=False)
+    two = run_benchmark(bench, methods, tmp_path / "two", progress=False, workers=2)
+    assert one.calls == two.calls == {"dlib": {"detect": 9, "embed": 9}}
+    assert load_results(tmp_path / "one") == load_results(tmp_path / "two")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,35 @@ def face_model_key(analyzer: Any) -> str:
     return f"{analyzer.backend_name}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
+def compute_faces(analyzer: Any, data: bytes, name: str, key: str, pad: float | None) -> CachedFaces:
+    """Decode ``data``, optionally pad it, detect and embed its faces (boxes back in original pixels)."""
+    from ..faces.image import decode_image_bytes
+
+    try:
+        if not data:
+            raise ImageLoadError(name, "file is empty (0 bytes)")
+        arr = decode_image_bytes(data, name)
+    except ImageLoadError as exc:
+        res = CachedFaces(key, error=exc.reason)
+    else:
+        h, w = arr.shape[:2]
+        off = (0, 0)
+        if pad:
+            arr, off = pad_to_square(arr, pad)
+        found = analyzer.detect(arr)
+        faces = []
+        for f in found:
+            shift = np.array([off[0], off[1]], dtype=np.float32)
+            faces.append({
+                "bbox": [float(v) for v in (f.bbox - np.tile(shift, 2))],
+                "score": float(f.score),
+                "landmarks": [[float(x), float(y)] for x, y in (f.landmarks - shift)],
+                "embedding": [float(v) for v in f.embedding],
+            })
+        res = CachedFaces(key, faces, None, (w, h))
+    return res
+
+
 class EmbeddingCache:
     """Faces + embeddings per image content for one :class:`~withanyone.faces.FaceAnalyzer`.
 
@@ -102,8 +132,6 @@ class EmbeddingCache:
 
         A missing or unreadable file gives ``error`` set (missing files are not cached: they may appear).
         """
-        from ..faces.image import decode_image_bytes
-
         name = str(image) if not isinstance(image, bytes) else f"<{len(image)} bytes>"
         if isinstance(image, bytes):
             data = image
@@ -121,29 +149,61 @@ class EmbeddingCache:
             self.stats["hits"] += 1
             return CachedFaces(key, hit.faces, f"{name}: {hit.error}" if hit.error else None, hit.size)
         self.stats["misses"] += 1
-        try:
-            if not data:
-                raise ImageLoadError(name, "file is empty (0 bytes)")
-            arr = decode_image_bytes(data, name)
-        except ImageLoadError as exc:
-            res = CachedFaces(key, error=exc.reason)
-        else:
-            h, w = arr.shape[:2]
-            off = (0, 0)
-            if pad:
-                arr, off = pad_to_square(arr, pad)
-            found = self.analyzer.detect(arr)
-            faces = []
-            for f in found:
-                shift = np.array([off[0], off[1]], dtype=np.float32)
-                faces.append({
-                    "bbox": [float(v) for v in (f.bbox - np.tile(shift, 2))],
-                    "score": float(f.score),
-                    "landmarks": [[float(x), float(y)] for x, y in (f.landmarks - shift)],
-                    "embedding": [float(v) for v in f.embedding],
-                })
-            res = CachedFaces(key, faces, None, (w, h))
-        self._mem[key] = res
-        if self.path is not None:
-            append_jsonl(self.path, {"key": key, "faces": res.faces, "error": res.error, "size": list(res.size)})
+        res = compute_faces(self.analyzer, data, name, key, pad)
+        self._store(res)
         return CachedFaces(key, res.faces, f"{name}: {res.error}" if res.error else None, res.size)
+
+    def _store(self, res: CachedFaces) -> None:
+        self._mem[res.key] = res
+        if self.path is not None:
+            append_jsonl(self.path, {"key": res.key, "faces": res.faces, "error": res.error, "size": list(res.size)})
+
+    def prefetch(self, items: Iterable[tuple[str | Path, float | None]], workers: int = 2,
+                 progress: bool = False) -> int:
+        """Compute every ``(path, pad)`` not cached yet in ``workers`` processes (each loads the face model
+        once); results are appended to the cache as they arrive. Returns the number of images computed."""
+        import multiprocessing as mp
+
+        from ..progress import track
+
+        todo, seen = [], set()
+        for path, pad in items:
+            p = Path(path)
+            if not p.is_file():
+                continue
+            key = hashlib.sha256(p.read_bytes()).hexdigest() + (f":pad{pad:g}" if pad else "")
+            if key not in self._mem and key not in seen:
+                seen.add(key)
+                todo.append((str(p), pad, key))
+        if not todo:
+            return 0
+        if workers <= 1:
+            for path, pad, _ in track(todo, total=len(todo), description="faces", enabled=progress):
+                self.faces(path, pad)
+            return len(todo)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(self.analyzer.backend.spec(),)) as pool:
+            for res in track(pool.imap_unordered(_worker_faces, todo), total=len(todo), description="faces",
+                             enabled=progress):
+                self.stats["misses"] += 1
+                if res.error is None:
+                    self.analyzer.calls["detect"] += 1
+                    self.analyzer.calls["embed"] += len(res.faces)
+                self._store(res)
+        return len(todo)
+
+
+_WORKER: Any = None
+
+
+def _worker_init(spec: dict) -> None:
+    global _WORKER
+    from ..faces import FaceAnalyzer
+
+    spec = dict(spec)
+    _WORKER = FaceAnalyzer(spec.pop("backend"), **spec)
+
+
+def _worker_faces(item: tuple[str, float | None, str]) -> CachedFaces:
+    path, pad, key = item
+    return compute_faces(_WORKER, Path(path).read_bytes(), path, key, pad)

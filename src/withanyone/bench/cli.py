@@ -32,6 +32,7 @@ def run_command(
     aesthetic: str = typer.Option("", help="Aesthetic predictor: SIGLIP_MODEL::HEAD.safetensors; empty = off."),
     paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
+    workers: int = typer.Option(1, help="Processes for face detection (each loads the face model once)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Score methods on a benchmark and write results.jsonl, summary.json, report.md and report.html."""
@@ -72,7 +73,8 @@ def run_command(
     for im in image_metrics:
         if not im.available:
             console.print(f"[yellow]{im.name}: not computed: {im.reason}[/]")
-    stats = run_benchmark(b, methods, out, face_models=face_model, image_metrics=image_metrics, progress=progress)
+    stats = run_benchmark(b, methods, out, face_models=face_model, image_metrics=image_metrics, progress=progress,
+                          workers=workers)
     summary = write_reports(out, paper_points=paper_points)
     console.print(f"{len(b)} samples × {len(methods)} methods × {len(face_model)} face models: "
                   f"{stats.rows_written} rows scored, {stats.rows_skipped} reused, {stats.seconds:.1f} s; "

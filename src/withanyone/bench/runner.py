@@ -198,12 +198,13 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
 
 def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: str | Path,
                   face_models: Sequence[str | FaceModelSpec] = ("dlib",), image_metrics: Sequence[Any] = (),
-                  progress: bool = True, max_rows: int | None = None) -> RunStats:
+                  progress: bool = True, max_rows: int | None = None, workers: int = 1) -> RunStats:
     """Score ``methods`` on ``bench`` into ``out_dir`` (results.jsonl, cache/, run.json); resumable.
 
     ``image_metrics`` are objects with ``name``, ``available``/``reason`` and ``score(sample, output) -> dict``
     (CLIP-I/T, aesthetics); their values are stored on every row of that (sample, method).
-    ``max_rows`` stops after writing that many new rows (for tests and partial runs).
+    ``max_rows`` stops after writing that many new rows (for tests and partial runs). ``workers`` > 1 first
+    computes the faces of every image still missing from the cache in that many processes.
     """
     from ..progress import track
 
@@ -230,6 +231,15 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
     image_memo: dict[tuple[str, str], dict[str, Any]] = {}
     todo = [(s, m, fm) for s in bench for m in methods for fm in models if (s.id, m.name, fm.name) not in done]
     stats.rows_skipped = len(bench) * len(methods) * len(models) - len(todo)
+    if workers > 1 and todo and max_rows is None:
+        for fm in models:
+            items: list[tuple[Path, float | None]] = []
+            for sample, method, _ in todo:
+                items += [(sample.gt, None)] if sample.gt is not None else []
+                items += [(r, REF_PAD) for r in sample.references]
+                if sample.id in method.outputs:
+                    items.append((method.outputs[sample.id], None))
+            fm.cache.prefetch(items, workers=workers, progress=progress)
     per_sample: dict[tuple[str, str], tuple[CachedFaces | None, list[CachedFaces], list[str]]] = {}
     for sample, method, fm in track(todo, total=len(todo), description="bench", enabled=progress):
         if max_rows is not None and stats.rows_written >= max_rows:
