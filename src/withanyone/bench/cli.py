@@ -102,11 +102,12 @@ def convert_command(
 def report_command(
     out: Path = typer.Argument(..., help="A results folder written by `withanyone bench run`."),
     paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot."),
+    gallery: int = typer.Option(200, help="Samples shown in the HTML gallery (0 = none)."),
 ) -> None:
     """Rebuild summary.json, report.md and report.html from results.jsonl."""
     from .report import write_reports
 
     if not (out / "results.jsonl").is_file():
         raise typer.BadParameter(f"{out}/results.jsonl not found")
-    summary = write_reports(out, paper_points=paper_points)
+    summary = write_reports(out, paper_points=paper_points, gallery=gallery > 0, max_gallery=gallery)
     typer.echo(f"{summary['rows']} rows → {out / 'report.html'}")

@@ -127,7 +127,7 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
     return {
         "fid": fid,
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
-        "subsets": subsets, "rows": len(rows), "leaderboard": board, "failures": failures, "issues": issues,
+        "subsets": subsets, "rows": len(rows), "sample_ids": sorted({r["sample"] for r in rows}), "leaderboard": board, "failures": failures, "issues": issues,
         "problem_counts": dict(sorted(reasons.items())), "not_computed": not_computed,
         "extra": cfg.get("extra", {}), "gates": {f["name"]: f["gate"] for f in cfg.get("face_models", [])},
     }
@@ -353,14 +353,19 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
               for i in summary["issues"]]
     parts.append("</ul>")
     if gallery:
-        parts.append(_gallery_html(gallery, summary["methods"]))
+        total = len({f["sample"] for f in summary["failures"]} | {g["sample"] for g in gallery}
+                    | set(summary.get("sample_ids", [])))
+        parts.append(_gallery_html(gallery, summary["methods"], total))
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
 
 
-def _gallery_html(gallery: list[dict[str, Any]], methods: list[str]) -> str:
+def _gallery_html(gallery: list[dict[str, Any]], methods: list[str], total: int | None = None) -> str:
     e = html.escape
-    head = ["<h2>Gallery</h2><p class='note'>Click a method's CP header to sort by it. Boxes: detected faces.</p>",
+    shown = (f" Showing {len(gallery)} of {total} samples (write_reports(max_gallery=…) for more)."
+             if total and total > len(gallery) else "")
+    head = [f"<h2>Gallery</h2><p class='note'>Click a method's CP header to sort by it. Boxes: detected faces."
+            f"{shown}</p>",
             "<table id='gallery'><thead><tr><th>sample</th><th>prompt</th><th>GT</th><th>references</th>"]
     base = 4
     for k, m in enumerate(methods):
