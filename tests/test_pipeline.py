@@ -121,19 +121,24 @@ def test_references_as_paths_images_arrays_and_embeddings_agree(pipe, tiny_pack,
     analyzer = FaceAnalyzer("insightface", pack=str(tiny_pack))
     pipe.set_face_analyzer(analyzer)
     face = analyzer.detect(arr)[0]
+    raw = face.embedding * face.extra["embedding_norm"]  # insightface's unnormalised vector, as the release uses
     outs = {
         "path": _run(pipe, references=[path], id_weight=3.0),
         "str": _run(pipe, references=[str(path)], id_weight=3.0),
         "pil": _run(pipe, references=[Image.open(path)], id_weight=3.0),
         "array": _run(pipe, references=[arr], id_weight=3.0),
-        "embedding": _run(pipe, references=[face.embedding], id_weight=3.0),
-        "tensor": _run(pipe, references=[torch.from_numpy(face.embedding)], id_weight=3.0),
+        "embedding": _run(pipe, references=[raw], id_weight=3.0),
+        "tensor": _run(pipe, references=[torch.from_numpy(raw)], id_weight=3.0),
         "face": _run(pipe, references=[face], id_weight=3.0),
     }
     for name, out in outs.items():
         np.testing.assert_array_equal(out.images, outs["embedding"].images, err_msg=name)
-        np.testing.assert_allclose(out.arcface[0].numpy(), face.embedding, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(out.arcface[0].numpy(), raw, rtol=1e-6, err_msg=name)
     assert outs["path"].references == [str(path)]
+    # the scale matters to the adapter: the unit-norm vector gives another image
+    unit = _run(pipe, references=[face.embedding], id_weight=3.0)
+    assert abs(face.extra["embedding_norm"] - 1.0) > 1e-3
+    assert not np.array_equal(unit.images, outs["embedding"].images)
     # a photo without any face is refused, naming it
     blank = np.full((96, 96, 3), 128, np.uint8)
     with pytest.raises(Exception, match="no face found"):
