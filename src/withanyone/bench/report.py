@@ -399,7 +399,7 @@ def _num(v: float | None) -> str:
 
 def _img(uri: str | None, alt: str) -> str:
     if not uri:
-        return "<span class='fail'>(unreadable)</span>"
+        return "<span class='fail'>(no image)</span>"
     return f"<img class='t' alt='{html.escape(alt)}' src='{uri}'>"
 
 
