@@ -156,6 +156,26 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _run_and_kill(out: Path, inputs: list[str], manifest: Path, after: int, poll: float = 0.05) -> None:
+    """Run a build in a subprocess and SIGKILL it once ``manifest`` lists ``after`` completed units."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), *inputs], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline:
+            if manifest.exists() and manifest.read_text().count("\n") >= after:
+                break
+            if proc.poll() is not None:
+                pytest.fail("build subprocess ended before it could be killed")
+            time.sleep(poll)
+        else:
+            pytest.fail("build subprocess made no progress")
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_sigkill_mid_run_then_resume_gives_identical_shards(ray_session, samples_dir, tmp_path):
     src = tmp_path / "photos"
     for person in ("obama", "biden", "kit_harington", "rose_leslie"):
@@ -173,23 +193,8 @@ def test_sigkill_mid_run_then_resume_gives_identical_shards(ray_session, samples
     assert res.identities == 4 and res.train_cp >= 2
 
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), *inputs], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "_work" / "faces.manifest.jsonl"
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline:
-            if manifest.exists() and manifest.read_text().count("\n") >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail("build subprocess ended before it could be killed")
-            time.sleep(0.05)
-        else:
-            pytest.fail("build subprocess made no progress")
-    finally:
-        _kill_tree(proc)
-    assert proc.returncode == -signal.SIGKILL
+    _run_and_kill(out, inputs, manifest, 3)
     n_units = len(list((ref_out / "_work" / "faces").glob("unit-*.json")))
     done_before = manifest.read_text().count("\n")
     assert 3 <= done_before < n_units and not (out / "report.json").exists()
@@ -197,6 +202,18 @@ def test_sigkill_mid_run_then_resume_gives_identical_shards(ray_session, samples
     build_dataset(inputs, out, workers=1, unit_size=1, progress=False)
     assert not list(out.rglob(".*.tmp"))
     assert output_bytes(out) == output_bytes(ref_out)
+
+    # A real SIGKILL in the write stage: start from the finished face stage, kill after 2 shards.
+    out2 = tmp_path / "killed_in_write"
+    (out2 / "_work").mkdir(parents=True)
+    shutil.copytree(ref_out / "_work" / "faces", out2 / "_work" / "faces")
+    for name in ("faces.manifest.jsonl", "settings.json"):
+        shutil.copy(ref_out / "_work" / name, out2 / "_work" / name)
+    write_manifest = out2 / "_work" / "write.manifest.jsonl"
+    _run_and_kill(out2, inputs, write_manifest, 2, poll=0.005)
+    assert write_manifest.read_text().count("\n") < n_units and not (out2 / "report.json").exists()
+    build_dataset(inputs, out2, workers=1, unit_size=1, progress=False)
+    assert output_bytes(out2) == output_bytes(ref_out)
 
     # An interruption in the write stage: a shard and its manifest line lost, a temporary left behind.
     wm = out / "_work" / "write.manifest.jsonl"
