@@ -159,14 +159,16 @@ def _ensure_ray(address: str | None, workers: int) -> bool:
                  runtime_env={"py_modules": [str(Path(withanyone.__file__).parent)]})
     else:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, configure_logging=False)
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
     _quiet_ray_data()
     return True
 
 
 def _quiet_ray_data() -> None:
+    """Our own rich bars replace Ray Data's; its INFO/WARNING chatter (progress-bar notices) is hidden."""
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -222,7 +224,8 @@ def _write_bank(out: Path, work: Path, bank: ReferenceBank, bank_fp: str, k: int
     for stale in (out / "ref" / "tars").glob("ref-*.tar"):
         if stale.name not in names:
             stale.unlink()
-    for c in track([c for c in range(len(chunks)) if c not in done], description="references", enabled=progress):
+    todo = [c for c in range(len(chunks)) if c not in done]
+    for c in track(todo, total=len(todo), description="references", enabled=progress):
         path = out / "ref" / "tars" / f"ref-{c:05d}.tar"
         n = write_shard(path, _reference_samples(chunks[c], fetch))
         manifest.mark(c, samples=n)
