@@ -47,6 +47,8 @@ def test_calibration_known_answers(calib):
     assert s["leaderboard"]["p1"]["dlib"]["other-person"]["cp"] is None  # gated out
     assert s["leaderboard"]["p1"]["dlib"]["other-person"]["cp_gated_out"] == 8
     assert all(c["ok"] for c in calibration_checks(s)), calibration_checks(s)
+    assert _mean(s, "p2", "ref-copy", "cp") == pytest.approx(1.0, abs=0.01)  # faithful two-person copy
+    assert all(c["ok"] for c in calibration_checks(s, subset="p2")), calibration_checks(s, subset="p2")
     # two-person samples are matched per person: Sim(GT) of gt-copy is 1 for each face
     rows = [r for r in load_results(calib["out"]) if r["subset"] == "p2" and r["method"] == "gt-copy"]
     assert rows and all(r["out_faces"] == 2 and r["sim_gt"] == pytest.approx(1.0) for r in rows)
