@@ -117,6 +117,36 @@ def run_build(inputs: Path, out: Path, workers: int, unit_size: int) -> Run:
                len({u["pid"] for u in units}), mem, busy / span, busy / len(units))
 
 
+_ANALYZER = None
+
+
+def _ctl_init() -> None:
+    global _ANALYZER
+    from withanyone.faces import FaceAnalyzer
+
+    _ANALYZER = FaceAnalyzer("dlib")
+
+
+def _ctl_task(path: str) -> tuple[float, float]:
+    t0 = time.time()
+    _ANALYZER.analyze(path)
+    return t0, time.time()
+
+
+def control_scaling(paths: list[Path], n: int) -> float:
+    """Ceiling the machine offers right now: the bare face stack in 1 vs 2 plain processes (no Ray),
+    steady state (first task start → last task end, pool start-up excluded)."""
+    import multiprocessing as mp
+
+    rates = []
+    for procs in (1, 2):
+        with mp.get_context("spawn").Pool(procs, initializer=_ctl_init) as pool:
+            pool.map(_ctl_task, [str(paths[0])] * procs)  # warm every process
+            spans = pool.map(_ctl_task, [str(p) for p in paths[:n]], chunksize=1)
+        rates.append(n / (max(e for _, e in spans) - min(s for s, _ in spans)))
+    return rates[1] / rates[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", type=int, default=48, help="N (the memory run also uses 2N)")
@@ -147,12 +177,15 @@ def main() -> None:
                   f"{r.faces_stage_s:>9.1f}{r.steady_photos_per_s:>12.2f}{r.parallelism:>8.2f}{r.unit_s:>7.2f}"
                   f"{r.mem.tree_peak / mb:>9.0f}"
                   f"{r.mem.self_peak / mb:>10.0f}")
+        ctl = control_scaling(sorted(inp_n.rglob("*.jpg")), n)
         scaling = w2.steady_photos_per_s / w1.steady_photos_per_s
         e2e = (w2.photos / w2.seconds) / (w1.photos / w1.seconds)
         mem_ratio = m2n.mem.tree_peak / mn.mem.tree_peak
         drv_ratio = m2n.mem.self_peak / mn.mem.self_peak
         print(f"scaling 2 vs 1 workers: {scaling:.2f}x steady-state face stage, {e2e:.2f}x end to end "
               "(target >= 1.7)")
+        print(f"control, bare dlib face stack in 1 vs 2 plain processes (no Ray), same photos, same minute: "
+              f"{ctl:.2f}x  <- the ceiling this shared machine offers right now")
         print(f"units in flight on average: {w1.parallelism:.2f} (1 worker) vs {w2.parallelism:.2f} (2 workers); "
               f"seconds per unit {w1.unit_s:.2f} vs {w2.unit_s:.2f} (CPU contention shows as slower units)")
         print(f"peak memory 2N vs N: {mem_ratio:.3f}x whole process tree, {drv_ratio:.3f}x driver (target: flat)")
@@ -161,7 +194,7 @@ def main() -> None:
                           "scaling_end_to_end": round(e2e, 3),
                           "photos_per_s_1": round(w1.steady_photos_per_s, 3),
                           "photos_per_s_2": round(w2.steady_photos_per_s, 3),
-                          "overlap_2": round(w2.parallelism, 3),
+                          "overlap_2": round(w2.parallelism, 3), "control_bare_processes_2_vs_1": round(ctl, 3),
                           "driver_mem_ratio_2n_vs_n": round(drv_ratio, 3), "n": n}))
     finally:
         ray.shutdown()

@@ -310,3 +310,20 @@ def test_manifest_units_keys_and_settings(tmp_path):
     with pytest.raises(ConfigMismatchError, match="settings differ \\(a\\)"):
         check_settings(tmp_path, {"a": 2}, [{"source": "x"}])
     check_settings(tmp_path, {"a": 2}, [{"source": "x"}], overwrite=True)
+
+
+def test_face_stage_turns_bad_photos_into_error_records(tmp_path, samples_dir):
+    from withanyone.data.faces_stage import analyze_photo
+
+    class Exploding:
+        def detect(self, image):
+            raise RuntimeError("backend blew up")
+
+    photo = next((samples_dir / "obama").glob("*.jpg"))
+    rec = analyze_photo(Exploding(), 3, InputItem(str(photo), "obama"))
+    assert rec.error == "face backend failed: RuntimeError: backend blew up" and rec.size[0] > 0
+    (tmp_path / "trunc.jpg").write_bytes(photo.read_bytes()[:200])
+    bad = analyze_photo(Exploding(), 4, InputItem(str(tmp_path / "trunc.jpg")))
+    assert bad.error and "backend" not in bad.error and bad.faces == []
+    missing = analyze_photo(Exploding(), 5, InputItem(str(tmp_path / "gone.jpg")))
+    assert missing.error.startswith("FileNotFoundError")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class BankMember:
     embedding: np.ndarray
     source: str
     similarity: float = 0.0
+    item: Any = None  # the InputItem, so the writer can re-read the photo (tar offsets) without a lookup
 
 
 @dataclass

@@ -97,7 +97,12 @@ def analyze_photo(analyzer: Any, index: int, item: InputItem, fetch: bool = Fals
         rec.error = f"{type(exc).__name__}: {exc}"
         return rec
     rec.size = (int(image.shape[1]), int(image.shape[0]))
-    for f in analyzer.detect(image):
+    try:
+        faces = analyzer.detect(image)
+    except Exception as exc:  # a backend failing on one odd image must not kill the run
+        rec.error = f"face backend failed: {type(exc).__name__}: {exc}"
+        return rec
+    for f in faces:
         aligned = align_face(image, f.landmarks, 112).astype(np.float32)
         gray = aligned @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         rec.faces.append(FaceRecord(

@@ -201,7 +201,7 @@ def _bank_stage(units: list[range], work: Path, filters: FilterConfig, th: Thres
             if is_single_person(ph, res):
                 f = ph.faces[res.kept[0]]
                 candidates.setdefault(ph.item.search_name, []).append(
-                    BankMember(ph.index, res.kept[0], f.embedding_array(), ph.item.source))
+                    BankMember(ph.index, res.kept[0], f.embedding_array(), ph.item.source, item=ph.item))
     return build_bank(candidates, th.member, th.merge, min_photos)
 
 
@@ -235,7 +235,7 @@ def _reference_samples(identities: list, fetch: bool):
     for ident in identities:
         for m in sorted(ident.members, key=lambda m: m.photo):
             try:
-                data = read_item_bytes(_item_for_source(m.source), fetch=fetch)
+                data = read_item_bytes(m.item or _item_for_source(m.source), fetch=fetch)
             except (OSError, ValueError) as exc:
                 log.warning("reference %s unreadable now (%s); skipped", m.source, exc)
                 continue
