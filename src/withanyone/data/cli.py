@@ -24,7 +24,8 @@ def build_dataset_command(
     no_name_folder: list[str] = typer.Option(["group", "groups"], "--no-name-folder",
                                              help="Folders of multi-person photos (no search name)."),
     fetch: bool = typer.Option(False, "--fetch", help="Download remote URLs listed in a manifest."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an --out built with other settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: discard what --out holds (needed "
+                                   "when settings or inputs changed)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Build MultiID-2M-layout training data (train_rec, train_cp, reference bank, negatives, report)."""
