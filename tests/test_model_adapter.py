@@ -407,3 +407,47 @@ def test_save_and_from_pretrained_round_trip(tmp_path, transformer):
     assert b.config.hidden_size == 192 and b.config.num_double_blocks == 2
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_accelerate_offload_hooks_keep_working(transformer):
+    """Under accelerate's offload hooks (weights on meta, loaded per call) the adapter gives the same output."""
+    from accelerate import cpu_offload
+
+    inputs = tiny_flux_inputs(seed=9)
+    arc, sig = random_identities(1, 2, seed=9)
+    kwargs = dict(arcface=arc, siglip=sig, boxes=BOXES, height=256, width=256, siglip_weight=0.5)
+    adapter = tiny_adapter(seed=1).attach(transformer)
+    with adapter.identities(**kwargs):
+        expected = run(transformer, inputs)
+    adapter.detach()
+    t = cpu_offload(copy.deepcopy(transformer), execution_device=torch.device("cpu"))
+    assert t.transformer_blocks[0].attn.to_q.weight.is_meta  # really offloaded
+    adapter.attach(t)
+    try:
+        with adapter.identities(**kwargs):
+            got = run(t, inputs)
+        outside = run(t, inputs)
+    finally:
+        adapter.detach()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(outside, run(transformer, inputs))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_quantized_transformer_keeps_working(transformer):
+    """Dynamically int8-quantised Linear layers inside the blocks: hooks still fire, outside stays bare."""
+    from torch.ao.quantization import quantize_dynamic
+
+    q = quantize_dynamic(copy.deepcopy(transformer), {torch.nn.Linear}, dtype=torch.qint8)
+    assert "quantized" in type(q.transformer_blocks[0].attn.to_q).__module__
+    inputs = tiny_flux_inputs(seed=10)
+    bare_q = run(q, inputs)
+    adapter = tiny_adapter(seed=1).attach(q)
+    arc, _ = random_identities(1, 2)
+    try:
+        assert torch.equal(run(q, inputs), bare_q)
+        with adapter.identities(arcface=arc, boxes=BOXES, height=256, width=256):
+            with_ids = run(q, inputs)
+    finally:
+        adapter.detach()
+    assert (with_ids - bare_q).abs().max() > 1e-2
