@@ -118,6 +118,19 @@ def unit_path(work: Path, unit: int) -> Path:
     return work / "faces" / f"unit-{unit:06d}.json"
 
 
+def unit_inputs_path(work: Path, unit: int) -> Path:
+    """Where the driver lists one unit's inputs (JSON ``[[index, InputItem dict], …]``) for the workers."""
+    return work / "inputs" / f"unit-{unit:06d}.json"
+
+
+def write_unit_inputs(work: Path, items: list[InputItem], units: list[range]) -> None:
+    """Write each unit's input list once (rows sent through Ray then carry only the unit index)."""
+    for u, idx in enumerate(units):
+        path = unit_inputs_path(work, u)
+        if not path.exists():
+            atomic_write_text(path, json.dumps([[i, items[i].to_dict()] for i in idx]))
+
+
 def write_unit(path: Path, records: list[PhotoRecord]) -> None:
     """Write a unit's records atomically."""
     atomic_write_text(path, json.dumps([r.to_dict() for r in records]) + "\n")
@@ -131,8 +144,8 @@ def read_unit(path: Path) -> list[PhotoRecord]:
 class FaceUnitWorker:
     """Ray Data callable class: builds the face analyzer once per actor, then processes whole units.
 
-    Each input row is a unit (``unit`` index, ``items``: JSON list of ``[index, InputItem dict]``); the
-    worker analyses its photos, writes the unit file atomically and
+    Each input row names a unit; the worker reads the unit's inputs (:func:`unit_inputs_path`), analyses
+    its photos, writes the unit file atomically and
     returns a summary row (the driver appends it to the manifest).
     """
 
@@ -152,10 +165,10 @@ class FaceUnitWorker:
         import time
 
         out: dict[str, list] = {"unit": [], "photos": [], "faces": [], "errors": [], "t0": [], "t1": [], "pid": []}
-        for unit, items in zip(batch["unit"], batch["items"], strict=True):
+        for unit in batch["unit"]:
             t0 = time.time()
-            records = [analyze_photo(self.analyzer, int(i), InputItem.from_dict(d), self.fetch)
-                       for i, d in json.loads(str(items))]
+            items = json.loads(unit_inputs_path(self.work, int(unit)).read_text())
+            records = [analyze_photo(self.analyzer, int(i), InputItem.from_dict(d), self.fetch) for i, d in items]
             write_unit(unit_path(self.work, int(unit)), records)
             out["unit"].append(int(unit))
             out["photos"].append(len(records))

@@ -30,7 +30,7 @@ import numpy as np
 from ..progress import track
 from .assign import Assignment, CenterIndex, Thresholds, thresholds_for
 from .bank import BankMember, ReferenceBank, build_bank
-from .faces_stage import FaceUnitWorker, PhotoRecord, read_unit, unit_path
+from .faces_stage import FaceUnitWorker, PhotoRecord, read_unit, unit_path, write_unit_inputs
 from .filters import FilterConfig, filter_photo, is_single_person, optional_models
 from .ingest import DEFAULT_NO_NAME_FOLDERS, InputItem, image_extension, ingest, read_item_bytes
 from .manifest import UnitManifest, check_settings, fingerprint, make_units
@@ -183,7 +183,8 @@ def _faces_stage(items: list[InputItem], units: list[range], work: Path, spec: d
     pending = [u for u in range(len(units)) if u not in done]
     if not pending:
         return
-    rows = [{"unit": u, "items": json.dumps([[i, items[i].to_dict()] for i in units[u]])} for u in pending]
+    write_unit_inputs(work, items, units)
+    rows = [{"unit": u} for u in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         FaceUnitWorker, fn_constructor_kwargs={"backend_spec": spec, "work": str(work), "fetch": fetch},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
