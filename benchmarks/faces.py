@@ -33,7 +33,7 @@ def time_backend(analyzer: FaceAnalyzer, photos: list[Path], repeat: int) -> dic
     analyzer.detect(images[0])  # warm up
     det, emb, e2e = [], [], []
     for _ in range(repeat):
-        for path, img in zip(photos, images):
+        for path, img in zip(photos, images, strict=True):
             t0 = time.perf_counter()
             faces = analyzer.backend.detect(img, embed=False)
             t1 = time.perf_counter()

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from withanyone.faces import (
-    ARCFACE_TEMPLATE, FaceAnalyzer, Gallery, align_face, cosine_matrix, estimate_similarity, hungarian_match,
+    ARCFACE_TEMPLATE,
+    FaceAnalyzer,
+    Gallery,
+    align_face,
+    cosine_matrix,
+    estimate_similarity,
+    hungarian_match,
     load_image,
 )
 from withanyone.faces.align import apply_affine
@@ -30,7 +36,7 @@ def shared_results(shared_faces: Path, dlib_analyzer):
 def test_every_single_person_photo_has_a_face_with_sane_landmarks(shared_results):
     photos, results = shared_results
     assert len(photos) >= 30
-    for (_, path), res in zip(photos, results):
+    for (_, path), res in zip(photos, results, strict=True):
         assert res.ok and res.faces, f"no face in {path}"
         f = res.faces[0]
         assert f.backend == "dlib" and f.embedding.shape == (128,)
@@ -144,9 +150,9 @@ def test_batch_with_two_workers_matches_one_and_survives_bad_files(shared_faces,
     two = fresh.analyze_many(images, workers=2, progress=False)
     assert [r.error is None for r in one] == [True, False, True] == [r.error is None for r in two]
     assert str(bad) in two[1].source and "corrupt" in two[1].error
-    for r1, r2 in zip(one, two):
+    for r1, r2 in zip(one, two, strict=True):
         assert len(r1.faces) == len(r2.faces)
-        for f1, f2 in zip(r1.faces, r2.faces):
+        for f1, f2 in zip(r1.faces, r2.faces, strict=True):
             assert np.allclose(f1.bbox, f2.bbox) and np.allclose(f1.embedding, f2.embedding, atol=1e-6)
     assert fresh.calls == {"detect": 2, "embed": 3}
 

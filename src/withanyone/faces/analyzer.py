@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class FaceAnalyzer:
             self._pool.join()
             self._pool, self._pool_size = None, 0
 
-    def __enter__(self) -> "FaceAnalyzer":
+    def __enter__(self) -> FaceAnalyzer:
         return self
 
     def __exit__(self, *exc: object) -> None:

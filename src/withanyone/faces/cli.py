@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,11 +13,11 @@ from ..io import atomic_write_text
 def faces_command(
     images: list[Path] = typer.Argument(..., help="Image files to analyse."),
     backend: str = typer.Option("dlib", "--backend", "-b", help="Face backend: dlib (offline default) or insightface."),
-    pack: Optional[str] = typer.Option(None, help="insightface model pack: folder, name (antelopev2) or hub id."),
-    gallery: Optional[Path] = typer.Option(None, help="Folder of <person>/<photo> files to name faces against."),
+    pack: str | None = typer.Option(None, help="insightface model pack: folder, name (antelopev2) or hub id."),
+    gallery: Path | None = typer.Option(None, help="Folder of <person>/<photo> files to name faces against."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    draw: Optional[Path] = typer.Option(None, help="Write an annotated PNG (a folder when several images)."),
-    out_json: Optional[Path] = typer.Option(None, "--out-json", help="Also write the JSON result to this file."),
+    draw: Path | None = typer.Option(None, help="Write an annotated PNG (a folder when several images)."),
+    out_json: Path | None = typer.Option(None, "--out-json", help="Also write the JSON result to this file."),
     workers: int = typer.Option(1, help="Worker processes for many images."),
     embeddings: bool = typer.Option(False, help="Include embeddings in the JSON."),
 ) -> None:
@@ -40,7 +39,7 @@ def faces_command(
     for res in results:
         names = gal.name_faces(res.faces) if gal and res.faces else [(None, None)] * len(res.faces)
         entry = {"image": res.source, "error": res.error, "width": res.size[0], "height": res.size[1], "faces": []}
-        for face, (name, score) in zip(res.faces, names):
+        for face, (name, score) in zip(res.faces, names, strict=True):
             d = face.to_dict(with_embedding=embeddings)
             if gal is not None:
                 d["name"] = name
@@ -51,7 +50,7 @@ def faces_command(
             target = draw if len(images) == 1 else draw / (Path(res.source).stem + ".png")
             target.parent.mkdir(parents=True, exist_ok=True)
             labels = [f"{n or 'unknown'} {s:.2f}" if gal else f"{f.score:.2f}" for f, (n, s) in
-                      zip(res.faces, names if gal else [(None, 0.0)] * len(res.faces))]
+                      zip(res.faces, names if gal else [(None, 0.0)] * len(res.faces), strict=True)]
             draw_faces(load_image(res.source), res.faces, labels).save(target)
     text = json.dumps(report, indent=2)
     if out_json:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -41,7 +42,7 @@ def hungarian_match(a: np.ndarray, b: np.ndarray) -> tuple[list[tuple[int, int]]
     rows, cols = linear_sum_assignment(-sim)
     order = np.argsort(rows)
     rows, cols = rows[order], cols[order]
-    return [(int(i), int(j)) for i, j in zip(rows, cols)], sim[rows, cols]
+    return [(int(i), int(j)) for i, j in zip(rows, cols, strict=True)], sim[rows, cols]
 
 
 @dataclass
@@ -73,8 +74,8 @@ class Gallery:
         return [p.name for p in self.identities]
 
     @classmethod
-    def from_folder(cls, folder: str | Path, analyzer: "FaceAnalyzer", workers: int = 1,
-                    progress: bool = False) -> "Gallery":
+    def from_folder(cls, folder: str | Path, analyzer: FaceAnalyzer, workers: int = 1,
+                    progress: bool = False) -> Gallery:
         """Build from ``folder/<person>/<photo>``; each photo contributes its largest face.
 
         Photos without a face or that cannot be read are listed in ``skipped`` with the reason.
@@ -92,7 +93,7 @@ class Gallery:
         results = analyzer.analyze_many(paths, workers=workers, progress=progress)
         per: dict[str, list[tuple[np.ndarray, str]]] = {}
         skipped: list[tuple[str, str]] = []
-        for owner, res in zip(owners, results):
+        for owner, res in zip(owners, results, strict=True):
             if res.error:
                 skipped.append((res.source, res.error))
             elif not res.faces:
@@ -118,7 +119,7 @@ class Gallery:
         s = self.scores(emb)
         out: list[tuple[str | None, float]] = [(None, float(row.max())) for row in s]
         rows, cols = linear_sum_assignment(-s)
-        for i, j in zip(rows, cols):
+        for i, j in zip(rows, cols, strict=True):
             if s[i, j] >= self.threshold:
                 out[i] = (self.identities[j].name, float(s[i, j]))
         return out

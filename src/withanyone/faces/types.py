@@ -70,7 +70,7 @@ class Face:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Face":
+    def from_dict(cls, d: dict[str, Any]) -> Face:
         """Inverse of :meth:`to_dict`."""
         emb = d.get("embedding")
         return cls(

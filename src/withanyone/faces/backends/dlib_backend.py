@@ -84,7 +84,7 @@ class DlibBackend(FaceBackend):
     def _raw_detect(self, small: np.ndarray) -> list[tuple[object, float]]:
         if self.detector_kind == "hog":
             rects, scores, _ = self._detector.run(small, self.upsample, self.min_score)
-            return list(zip(rects, scores))
+            return list(zip(rects, scores, strict=True))
         return [(d.rect, float(d.confidence)) for d in self._detector(small, self.upsample)]
 
     def detect(self, image: np.ndarray, *, embed: bool = True) -> list[Face]:
@@ -123,7 +123,7 @@ class DlibBackend(FaceBackend):
             shapes.append(shape)
         vecs = np.array(self._encoder.compute_face_descriptor(image, shapes, self.num_jitters), dtype=np.float32)
         vecs = l2_normalize(vecs.reshape(len(faces), -1))
-        for f, v in zip(faces, vecs):
+        for f, v in zip(faces, vecs, strict=True):
             f.embedding = v
             f.extra.pop("shape", None)
         return faces
