@@ -2,6 +2,7 @@
 
 from withanyone.model.adapter import IdentityInputError, WithAnyoneAdapter
 from withanyone.model.attention import IdentityCrossAttention
+from withanyone.model.bfl import load_bfl_single_file, load_bfl_transformer
 from withanyone.model.checkpoint import CheckpointError, LoadReport, split_authors_state_dict
 from withanyone.model.encoders import ArcFaceTokenEncoder, SiglipTokenEncoder
 from withanyone.model.masks import InvalidBoxError, box_coverage, build_identity_mask, token_grid
@@ -15,6 +16,8 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "split_authors_state_dict",
+    "load_bfl_transformer",
+    "load_bfl_single_file",
     "InvalidBoxError",
     "box_coverage",
     "build_identity_mask",

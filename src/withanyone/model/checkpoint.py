@@ -270,7 +270,8 @@ def load_authors_checkpoint(
     if dtype is None:
         dtypes = [t.dtype for t in adapter_sd.values() if t.is_floating_point()]
         dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
-    model.to(dtype)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
     model.load_report = LoadReport(
         source=name, config=config, missing_keys=missing, unexpected_keys=unexpected, base_keys=sorted(base_sd)
     )
