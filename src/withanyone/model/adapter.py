@@ -79,6 +79,7 @@ class _Prepared:
     siglip_weight: float
     dense: bool
     kv_cache: dict | None  # shared across forwards of one identities() block when grads are off
+    batch: int = 1
 
 
 @dataclass
@@ -421,11 +422,7 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
                 sig = self.encode_siglip(state.siglip.to(device=device, dtype=dtype), arcface)
             if cacheable:
                 state.tokens[key] = (arc, sig)
-        if arc is not None and arc.shape[0] != batch:
-            arc = arc.expand(batch, -1, -1)
-        if sig is not None and sig.shape[0] != batch:
-            sig = sig.expand(batch, -1, -1)
-        return arc, sig
+        return arc, sig  # batch 1 or ``batch``; keys/values are expanded after projection
 
     def _pre_forward_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self._stack[-1] if self._stack else None
@@ -457,6 +454,7 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
             siglip_weight=state.siglip_weight,
             dense=dense,
             kv_cache=state.kv_cache if self.cache_kv else None,
+            batch=batch,
         )
         return None
 
@@ -483,12 +481,16 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
     def _kv(self, branch: str, index: int, tokens: torch.Tensor, prepared: _Prepared):
         attn = (self.ipa_arc if branch == "arc" else self.ipa_sig)[index]
         if torch.is_grad_enabled() or prepared.kv_cache is None:
-            return attn.project_kv(tokens)
-        key = (branch, index, str(tokens.device), tokens.dtype, tokens.shape[0])
-        kv = prepared.kv_cache.get(key)
-        if kv is None:
-            kv = prepared.kv_cache[key] = attn.project_kv(tokens)
-        return kv
+            k, v = attn.project_kv(tokens)
+        else:
+            key = (branch, index, str(tokens.device), tokens.dtype, tokens.shape[0])
+            kv = prepared.kv_cache.get(key)
+            if kv is None:
+                kv = prepared.kv_cache[key] = attn.project_kv(tokens)
+            k, v = kv
+        if k.shape[0] != prepared.batch:  # identities of batch 1 broadcast over the transformer's batch
+            k, v = k.expand(prepared.batch, -1, -1, -1), v.expand(prepared.batch, -1, -1, -1)
+        return k, v
 
     def _residual(self, index: int, img: torch.Tensor, prepared: _Prepared) -> torch.Tensor:
         """``img + id_weight·CA_arc + siglip_weight·CA_sig`` on the covered tokens (or all, when dense)."""
