@@ -42,6 +42,13 @@ def test_release_shapes_at_flux_dev_width_on_meta():
     assert sd["arcface_in_arc.0.weight"].shape == (12288, 512)
     assert sd["arcface_in_arc.3.weight"].shape == (24576, 12288)
     assert sd["siglip_in_sig.0.weight"].shape == (3072, 768)
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        flux_dev = FluxTransformer2DModel(guidance_embeds=True)  # 19 + 38 blocks, width 3072
+    a.attach(flux_dev)
+    assert len(a._handles) == 1 + 57  # one pre-forward hook, one hook per block
+    a.detach()
     n_params = sum(p.numel() for p in a.parameters())
     assert 2.6e9 < n_params < 3.0e9  # "about 2.8 B adapter parameters"
     assert infer_adapter_config(sd) == {
