@@ -33,7 +33,10 @@ def _register_optional() -> None:
         ("train", "withanyone.train.cli", "train_command", "command"),
         ("app", "withanyone.app.cli", "app_command", "command"),
     ]:
-        if importlib.util.find_spec(module) is None:
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:  # the parent package is not part of this install
             continue
         obj = _lazy(module, attr)
         if kind == "group":
