@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo-out
+# e.g. make demo DEMO_ARGS="--samples ../shared/data/faces" to run on the full-size photos
+DEMO_ARGS ?=
 
 .PHONY: demo test install install-dev lint bench clean
 
@@ -31,7 +33,7 @@ install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.core
-	$(VENV)/bin/withanyone demo --out $(DEMO_OUT)
+	$(VENV)/bin/withanyone demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)

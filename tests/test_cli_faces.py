@@ -51,3 +51,17 @@ def test_demo_names_everyone_in_the_bundled_photos(tmp_path: Path):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "withanyone", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "faces" in out.stdout
+
+
+def test_demo_names_everyone_in_the_full_size_shared_photos(shared_faces: Path, tmp_path: Path):
+    from withanyone.demo import run_faces_demo
+
+    summary = run_faces_demo(tmp_path, samples=shared_faces)
+    assert summary["all_correct"], [c for c in summary["checks"] if not c["ok"]]
+    assert sum(c["expected"] is not None for c in summary["checks"]) == 6
+    assert set(summary["gallery"]) >= {"obama", "biden", "kit_harington", "rose_leslie"}
+
+
+def test_demo_command_refuses_a_folder_without_labels(tmp_path: Path):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), "--samples", str(tmp_path)])
+    assert res.exit_code != 0 and "labels.json" in res.output

@@ -52,15 +52,21 @@ _register_optional()
 
 @app.command("demo")
 def demo_command(out: str = typer.Option("demo-out", help="Output folder."),
-                 backend: str = typer.Option("dlib", help="Face backend.")) -> None:
+                 backend: str = typer.Option("dlib", help="Face backend."),
+                 samples: str = typer.Option("", help="Photo folder in the samples/faces layout (<person>/<n>.jpg, "
+                                             "group/<n>.jpg, labels.json); default: the bundled copies.")) -> None:
     """Run the face demo and the MultiID-Bench calibration demo on the bundled photos; write to --out."""
     from pathlib import Path
 
     from rich.console import Console
 
-    from .demo import run_faces_demo
+    from .demo import SAMPLES, run_faces_demo
 
-    summary = run_faces_demo(Path(out), backend=backend)
+    folder = Path(samples) if samples else SAMPLES
+    if not (folder / "labels.json").is_file():
+        raise typer.BadParameter(f"{folder}: no labels.json (want <person>/<n>.jpg, group/<n>.jpg, labels.json)",
+                                 param_hint="--samples")
+    summary = run_faces_demo(Path(out), samples=folder, backend=backend)
     console = Console()
     for c in summary["checks"]:
         mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
@@ -68,7 +74,7 @@ def demo_command(out: str = typer.Option("demo-out", help="Output folder."),
     console.print(f"wrote {out}/faces.json and annotated PNGs; all correct: {summary['all_correct']}")
     from .demo import run_bench_demo
 
-    bench = run_bench_demo(Path(out) / "bench", backend=backend)
+    bench = run_bench_demo(Path(out) / "bench", samples=folder, backend=backend)
     for c in bench["checks"]:
         mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
         val = "–" if c["value"] is None else f"{c['value']:+.3f}"
