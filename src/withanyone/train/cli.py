@@ -1,0 +1,53 @@
+"""``withanyone train --config cfg.toml [key=value ...]``: train the identity adapter with a progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def train_command(
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides of config fields, e.g. "
+                                                 "phase=2 batch_size=8 train_shards=multiid/train_rec"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML or JSON config (keys of TrainConfig, "
+                                       "at top level or under [train])."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Train the WithAnyone adapter (FLUX frozen); resumes from OUTPUT_DIR/checkpoints when present."""
+    import json
+
+    from rich.console import Console
+
+    from withanyone.train.config import ConfigError, load_config
+
+    console = Console(stderr=True)
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if print_config:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        return
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from withanyone.train.loop import TrainingError, train
+
+    columns = (TextColumn("[bold]train[/bold] phase {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[losses]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("train", total=cfg.max_steps, phase=cfg.phase, losses="")
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            text = " ".join(f"{k} {losses[k]:.4f}" for k in ("loss", "flow", "id", "cl") if k in losses)
+            bar.update(task, completed=step, losses=text)
+
+        try:
+            result = train(cfg, on_step=on_step)
+        except TrainingError as exc:
+            console.print(f"[red]training error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    console.print(f"step {result.step}: checkpoint {result.checkpoint}; skipped samples {result.skipped or 'none'}")
