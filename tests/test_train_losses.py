@@ -116,7 +116,7 @@ def test_id_loss_is_gt_aligned_weighted_and_differentiable(face_image):
         eg = torch.nn.functional.normalize(arc(align_faces(gt, torch.tensor([0]), lm[None])), dim=-1)
     one = 1 - float((ep * eg).sum())
     assert one > 1e-4
-    assert float(loss) == pytest.approx((1.0 * one + 0.5 * one) / 2, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx((1.0 * one + 0.5 * one) / 2, rel=1e-4)
     loss.backward()
     assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
     # only the GT-aligned face region receives gradient: far corners stay at zero
