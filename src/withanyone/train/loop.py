@@ -89,8 +89,12 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
     from withanyone.model import WithAnyoneAdapter
     from withanyone.train.arcface import load_arcface
 
-    dtype = _weight_dtype(config)
-    pipe = FluxPipeline.from_pretrained(config.pretrained_model, revision=config.revision, torch_dtype=dtype,
+    import diffusers
+    from packaging.version import Version
+
+    dtype = _weight_dtype(config)  # frozen weights in the mixed-precision dtype; the adapter stays fp32
+    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    pipe = FluxPipeline.from_pretrained(config.pretrained_model, revision=config.revision, **{dtype_key: dtype},
                                         local_files_only=config.local_files_only).to(device)
     arcface = load_arcface(config.arcface_weights, config.arcface_arch, device=device, dtype=torch.float32)
     tr = pipe.transformer.config
@@ -111,7 +115,10 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
         from withanyone.data import read_negative_pool
 
         pool = read_negative_pool(config.negative_pool)
-    return TrainComponents(pipe, arcface, adapter.to(device, torch.float32), pool)
+    adapter = adapter.to(device)
+    if adapter.dtype != torch.float32:  # master weights in fp32; autocast runs the math in bf16/fp16
+        adapter = adapter.to(dtype=torch.float32)
+    return TrainComponents(pipe, arcface, adapter, pool)
 
 
 def _encode_prompts(parts: TrainComponents, prompts: list[str], config: TrainConfig, device: torch.device):
