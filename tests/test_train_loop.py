@@ -134,10 +134,10 @@ def test_resume_is_exact(tmp_path):
 def test_cli_trains_two_steps_and_the_adapter_loads_the_checkpoint(tmp_path):
     from diffusers import FluxPipeline
     from safetensors.torch import save_file
+    from test_train_fixtures import tiny_arcface
     from tiny_models.pipeline import get_dummy_components
     from typer.testing import CliRunner
 
-    from test_train_fixtures import tiny_arcface
     from withanyone.cli import app
     from withanyone.model import WithAnyoneAdapter
 

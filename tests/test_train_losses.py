@@ -121,11 +121,11 @@ def test_id_loss_is_gt_aligned_weighted_and_differentiable(face_image):
     assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
     # only the GT-aligned face region receives gradient: far corners stay at zero
     assert float(pred.grad[..., :5, :5].abs().sum()) == 0.0
-    assert float(id_loss(gt, gt, torch.tensor([0]), lm[None], arc)) == pytest.approx(0.0, abs=1e-6)
+    assert float(id_loss(gt, gt, torch.tensor([0]), lm[None], arc).detach()) == pytest.approx(0.0, abs=1e-6)
     zero = pred.detach().clone().requires_grad_(True)
     lz = id_loss(zero, gt, torch.tensor([0]), lm[None], arc, weights=torch.tensor([0.0]))
     lz.backward()
-    assert float(lz) == 0.0 and float(zero.grad.abs().sum()) == 0.0
+    assert float(lz.detach()) == 0.0 and float(zero.grad.abs().sum()) == 0.0
 
 
 def test_iresnet_architectures_and_arcface_torch_key_names():

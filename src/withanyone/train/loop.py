@@ -84,13 +84,12 @@ def _weight_dtype(config: TrainConfig) -> torch.dtype:
 
 def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> TrainComponents:
     """Load FLUX (``pretrained_model``), the ArcFace (``arcface_weights``), the adapter and the negative pool."""
+    import diffusers
     from diffusers import FluxPipeline
+    from packaging.version import Version
 
     from withanyone.model import WithAnyoneAdapter
     from withanyone.train.arcface import load_arcface
-
-    import diffusers
-    from packaging.version import Version
 
     dtype = _weight_dtype(config)  # frozen weights in the mixed-precision dtype; the adapter stays fp32
     dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
