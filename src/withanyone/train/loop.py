@@ -306,8 +306,21 @@ def load_checkpoint(folder: str | Path, adapter: Any, optimizer: torch.optim.Opt
     return meta
 
 
-def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{micro}".encode()))
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over processes (the adapter runs through hooks, not a DDP-wrapped forward)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{micro}:{rank}".encode()))
 
 
 # ---------------------------------------------------------------------- the loop
@@ -378,10 +391,11 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
                 raise TrainingError(f"{config.train_shards}: no usable training samples "
                                     f"(skipped: {dict(dataset.skipped)})")
             with accelerator.accumulate(adapter):
-                losses = compute_losses(batch, parts, config, _step_generator(config.seed, step, micro),
+                losses = compute_losses(batch, parts, config, _step_generator(config.seed, step, micro, accelerator.process_index),
                                         autocast=accelerator.autocast)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
+                    _all_reduce_grads(params, accelerator.num_processes)
                     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     sums["grad_norm"] = float(grad_norm)
                 optimizer.step()
