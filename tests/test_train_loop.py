@@ -190,3 +190,23 @@ def test_config_file_presets_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="bad.toml"):
         load_config(tmp_path / "bad.toml")
     assert np.isclose(load_config(overrides={"id_t_zero": 0.7}).id_t_zero, 0.7)
+
+
+def test_gradient_accumulation_steps_once_per_group_and_resumes_exactly(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", max_steps=2, batch_size=1, gradient_accumulation_steps=2),
+                     tiny_components())
+    train(tiny_config(tmp_path / "b", max_steps=1, batch_size=1, gradient_accumulation_steps=2), tiny_components())
+    resumed = train(tiny_config(tmp_path / "b", max_steps=2, batch_size=1, gradient_accumulation_steps=2),
+                    tiny_components())
+    assert [h["step"] for h in straight.history] == [1, 2]
+    assert [h["lr"] for h in straight.history] == pytest.approx([5e-4, 1e-3])  # linear warm-up over 2 steps
+    a, b = tiny_components().adapter, tiny_components().adapter
+    load_checkpoint(straight.checkpoint, a)
+    meta = load_checkpoint(resumed.checkpoint, b)
+    assert meta["step"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # AdamW took exactly 2 steps (not 4): its step counter is saved in the state file
+    from safetensors.torch import load_file
+
+    st = load_file(str(straight.checkpoint / "trainer_state.safetensors"))
+    assert {float(v) for k, v in st.items() if k.endswith(".step")} == {2.0}

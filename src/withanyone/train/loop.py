@@ -402,9 +402,10 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
                 optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.gradient_accumulation_steps
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         step += 1
-        last = {**sums, "lr": scheduler.get_last_lr()[0], "step": step}
+        last = {**sums, "lr": lr, "step": step}
         history.append(last)
         if on_step is not None:
             on_step(step, last)
