@@ -3,6 +3,7 @@ t > 0.6, a repeated batch is fitted, resume is exact, and the CLI writes a check
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -210,3 +211,22 @@ def test_gradient_accumulation_steps_once_per_group_and_resumes_exactly(tmp_path
 
     st = load_file(str(straight.checkpoint / "trainer_state.safetensors"))
     assert {float(v) for k, v in st.items() if k.endswith(".step")} == {2.0}
+
+
+def test_train_detects_gt_landmarks_when_the_shard_has_none(tmp_path):
+    from withanyone.data.reader import iter_samples
+    from withanyone.data.shards import json_bytes, write_shard
+
+    items = []
+    for s in list(itertools.islice(iter_samples(tiny_multiid() / "train"), 4))[2:]:  # two one-person photos, labels without landmarks
+        labels = {k: v for k, v in s.labels.items() if k != "landmarks"}
+        items.append({"__key__": s.key, "jpg": s.image_bytes, "json": json_bytes(labels)})
+    write_shard(tmp_path / "published-like.tar", items)
+    cfg = tiny_config(tmp_path / "run", train_shards=str(tmp_path / "published-like.tar"), max_steps=1)
+    from withanyone.train.loop import TrainingError
+
+    with pytest.raises(TrainingError, match="no_landmarks"):
+        train(cfg, tiny_components())
+    res = train(tiny_config(tmp_path / "run2", train_shards=str(tmp_path / "published-like.tar"), max_steps=1,
+                            landmark_backend="dlib"), tiny_components())
+    assert res.step == 1 and res.skipped == {}

@@ -50,6 +50,8 @@ class TrainConfig:
     negative_pool: str | None = None  # negatives.safetensors (extended InfoNCE negatives)
     resolution: int = 512
     max_faces: int = 4
+    landmark_backend: str | None = None  # "insightface" / "dlib": detect GT landmarks when labels lack them
+    landmark_pack: str | None = None  # insightface pack (name or folder) for landmark_backend="insightface"
     min_aesthetics: float | None = None  # phase 4's curated subset: drop samples scoring below (or unscored)
     prompt_mode: str = "count"  # "count" → "n person(s)"; "caption" → the sample's caption
     text_dropout: float = 0.0  # probability of an empty prompt

@@ -232,7 +232,7 @@ class MultiIDTrainDataset(IterableDataset):
                 return None
         if self.landmark_detector is None:
             return None
-        faces = self.landmark_detector.detect(image)  # GT landmarks by detection, matched to the label boxes
+        faces = self.landmark_detector.detect(image, embed=False)  # GT landmarks by detection, matched to the label boxes
         out = []
         for box in s.bboxes:
             best, best_iou = None, 0.3

@@ -369,10 +369,17 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
 
     # --- data: a seeded stream; resuming replays and drops the batches already consumed
     refs = load_reference_bank(config.reference_shards) if config.paired_ratio > 0 else {}
+    detector = None
+    if config.landmark_backend:  # the published shards carry boxes but no landmarks
+        from withanyone.faces import FaceAnalyzer
+
+        opts = {"pack": config.landmark_pack} if config.landmark_pack else {}
+        detector = FaceAnalyzer(config.landmark_backend, **opts)
     dataset = MultiIDTrainDataset(config.train_shards, config.resolution, max_faces=config.max_faces,
                                   embedding_dim=adapter.config.arcface_dim, prompt_mode=config.prompt_mode,
                                   text_dropout=config.text_dropout, paired_ratio=config.paired_ratio,
-                                  references=refs, min_aesthetics=config.min_aesthetics, seed=config.seed,
+                                  references=refs, min_aesthetics=config.min_aesthetics, landmark_detector=detector,
+                                  seed=config.seed,
                                   shuffle_buffer=config.shuffle_buffer, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes)
     batches = iter_batches(dataset, config.batch_size)
