@@ -120,3 +120,43 @@ def test_batches_group_by_number_of_people():
     assert [b.num_people for b in batches] == [2, 1, 1]
     assert batches[0].references.shape == (2, 2, 512) and batches[0].pixels.shape == (2, 3, 64, 64)
     assert batches[1].keys == ["00000002", "00000003"]
+
+
+def _at_cos(own: np.ndarray, c: float, seed: int) -> np.ndarray:
+    r = np.random.default_rng(seed).standard_normal(own.shape)
+    r -= (r @ own) * own
+    return (c * own + np.sqrt(1 - c * c) * r / np.linalg.norm(r)).astype(np.float32)
+
+
+def test_paired_pick_prefers_the_most_similar_and_rejects_below_06():
+    _, own = _samples()
+    obama = next(s for s in own if s.names == ["obama"])
+    e = obama.references[0]
+    # (similarities of the bank entries to this face, expected similarity of the pick; None: no pair)
+    cases = [
+        ([1.0, 0.5, 0.7, 0.65], 0.7),  # the photo itself is excluded; 0.7 beats 0.65; 0.5 is rejected
+        ([0.5, 0.55], None),  # nothing ≥ 0.6: no pair, the sample keeps its own embedding
+    ]
+    for sims, want in cases:
+        bank = {"obama": np.stack([_at_cos(e, c, i) if c < 1 else e for i, c in enumerate(sims)])}
+        (got,) = [s for s in _samples(paired_ratio=1.0, references=bank)[1] if s.key == obama.key]
+        cos = float(got.references[0] @ e)
+        assert got.paired == (want is not None)
+        assert cos == pytest.approx(1.0 if want is None else want, abs=1e-4)
+    # above 0.8 the search stops at the first such entry (release behaviour): over seeds both picks occur,
+    # whereas "most similar overall" would always give 0.95
+    bank = {"obama": np.stack([_at_cos(e, c, i) for i, c in enumerate([0.85, 0.95])])}
+    picks = set()
+    for seed in range(8):
+        (got,) = [s for s in MultiIDTrainDataset(tiny_multiid() / "train", 64, epochs=1, seed=seed,
+                                                 paired_ratio=1.0, references=bank) if s.key == obama.key]
+        picks.add(round(float(got.references[0] @ e), 3))
+    assert picks == {0.85, 0.95}
+
+
+def test_reference_bank_caps_embeddings_per_identity():
+    bank = load_reference_bank(tiny_multiid() / "ref", max_per_identity=2)
+    full = load_reference_bank(tiny_multiid() / "ref")
+    for k, v in bank.items():
+        assert v.shape == (2, 512)
+        assert all(any(np.allclose(row, f) for f in full[k]) for row in v)

@@ -12,7 +12,7 @@ import json
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class TrainConfig:
     guidance: float = 1.0  # FLUX-dev's distilled-guidance input during training
     max_sequence_length: int = 512
     cache_text_embeddings: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for values that cannot work; returns self."""

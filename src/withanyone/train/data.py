@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+#: Paired references (facts §3): try up to 20 random references, stop early above 0.8, reject below 0.6.
+PAIR_TRIES, PAIR_EARLY_STOP, PAIR_MIN = 20, 0.8, 0.6
+
 __all__ = ["TrainSample", "TrainBatch", "MultiIDTrainDataset", "square_crop", "count_prompt",
            "load_reference_bank", "iter_batches", "collate"]
 
@@ -92,22 +95,33 @@ def _crop_resize(image: np.ndarray, x0: float, y0: float, side: float, res: int)
     return np.asarray(im)
 
 
-def load_reference_bank(source: str | Path | Sequence[str | Path] | None) -> dict[str, np.ndarray]:
-    """identity id → (K, D) unit-norm reference embeddings from ``ref/tars`` shards (None → empty)."""
+def load_reference_bank(source: str | Path | Sequence[str | Path] | None, max_per_identity: int = 64,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """identity id → (K, D) unit-norm reference embeddings from ``ref/tars`` shards (None → empty).
+
+    At most ``max_per_identity`` embeddings are kept per identity (a seeded reservoir sample), so the
+    published bank (~400 references per identity) fits in memory.
+    """
     if source is None:
         return {}
     from withanyone.data import iter_references
 
+    rng = random.Random(seed)
     bank: dict[str, list[np.ndarray]] = {}
+    seen: Counter[str] = Counter()
     for ref in iter_references(source):
         if ref.identity is None or ref.embeddings.size == 0:
             continue
-        bank.setdefault(ref.identity, []).append(np.asarray(ref.embeddings, np.float32))
-    out = {}
-    for k, v in bank.items():
-        e = np.concatenate(v, 0)
-        out[k] = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return out
+        for e in np.asarray(ref.embeddings, np.float32).reshape(-1, ref.embeddings.shape[-1]):
+            seen[ref.identity] += 1
+            kept = bank.setdefault(ref.identity, [])
+            if len(kept) < max_per_identity:
+                kept.append(e)
+            else:
+                j = rng.randrange(seen[ref.identity])
+                if j < max_per_identity:
+                    kept[j] = e
+    return {k: _unit(np.stack(v)) for k, v in bank.items()}
 
 
 def _unit(e: np.ndarray) -> np.ndarray:
@@ -246,6 +260,8 @@ class MultiIDTrainDataset(IterableDataset):
         return np.stack(out)
 
     def _references(self, s: Any, rng: random.Random) -> tuple[np.ndarray, bool]:
+        """Own embeddings, or (paired) per identified face the release's pick: of up to 20 random other
+        references the most similar to this face, stopping early above 0.8, none if all are below 0.6."""
         own = _unit(np.asarray(s.embeddings, np.float32))
         if not self.paired_ratio or rng.random() >= self.paired_ratio:
             return own, False
@@ -254,9 +270,16 @@ class MultiIDTrainDataset(IterableDataset):
             bank = self.references.get(name) if name is not None else None
             if bank is None:
                 continue
-            other = bank[bank @ own[i] < 0.999]  # drop this very photo's face (identical embedding)
-            if len(other):
-                refs[i] = other[rng.randrange(len(other))]
+            sims = bank @ own[i]
+            order = [k for k in rng.sample(range(len(bank)), len(bank)) if sims[k] < 0.999][:PAIR_TRIES]
+            best = None  # sims ≥ 0.999: this very photo's face (identical embedding), not another photo
+            for k in order:
+                if sims[k] >= PAIR_MIN and (best is None or sims[k] > sims[best]):
+                    best = k
+                if sims[k] > PAIR_EARLY_STOP:
+                    break
+            if best is not None:
+                refs[i] = bank[best]
                 paired = True
         return refs, paired
 

@@ -346,6 +346,8 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
             module.requires_grad_(False).eval()
     if config.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
+        if getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            pipe.vae.enable_gradient_checkpointing()  # x̂₀ is decoded with gradients for the ID losses
     adapter.requires_grad_(False)
     params = trainable_parameters(adapter)
     for p in params:
@@ -368,7 +370,7 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
         logger.info("resumed from %s at step %d", ckpt, step)
 
     # --- data: a seeded stream; resuming replays and drops the batches already consumed
-    refs = load_reference_bank(config.reference_shards) if config.paired_ratio > 0 else {}
+    refs = (load_reference_bank(config.reference_shards, seed=config.seed) if config.paired_ratio > 0 else {})
     detector = None
     if config.landmark_backend:  # the published shards carry boxes but no landmarks
         from withanyone.faces import FaceAnalyzer
