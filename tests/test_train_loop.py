@@ -230,3 +230,30 @@ def test_train_detects_gt_landmarks_when_the_shard_has_none(tmp_path):
     res = train(tiny_config(tmp_path / "run2", train_shards=str(tmp_path / "published-like.tar"), max_steps=1,
                             landmark_backend="dlib"), tiny_components())
     assert res.step == 1 and res.skipped == {}
+
+
+def test_text_embeddings_are_cached_per_prompt_with_a_bounded_lru(tmp_path):
+    from withanyone.train.loop import _encode_prompts
+
+    parts = tiny_components(with_pool=False)
+    calls = []
+    original = parts.pipe.encode_prompt
+
+    def counting(**kw):
+        calls.append(list(kw["prompt"]))
+        return original(**kw)
+
+    parts.pipe.encode_prompt = counting
+    cfg = tiny_config(tmp_path, text_cache_size=2)
+    e1, p1 = _encode_prompts(parts, ["1 person", "2 people", "1 person"], cfg, torch.device("cpu"))
+    assert calls == [["1 person", "2 people"]] and e1.shape[0] == 3
+    torch.testing.assert_close(e1[0], e1[2], rtol=0, atol=0)
+    e2, _ = _encode_prompts(parts, ["2 people", "1 person"], cfg, torch.device("cpu"))
+    assert len(calls) == 1  # both cached
+    torch.testing.assert_close(e2[0], e1[1], rtol=0, atol=0)
+    _encode_prompts(parts, ["a man smiling"], cfg, torch.device("cpu"))
+    assert list(parts.text_cache) == ["1 person", "a man smiling"]  # "2 people" was least recently used
+    uncached = tiny_config(tmp_path, cache_text_embeddings=False)
+    e3, p3 = _encode_prompts(parts, ["1 person", "2 people", "1 person"], uncached, torch.device("cpu"))
+    torch.testing.assert_close(e3, e1, rtol=0, atol=0)
+    torch.testing.assert_close(p3, p1, rtol=0, atol=0)

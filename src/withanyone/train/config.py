@@ -79,6 +79,7 @@ class TrainConfig:
     guidance: float = 1.0  # FLUX-dev's distilled-guidance input during training
     max_sequence_length: int = 512
     cache_text_embeddings: bool = True
+    text_cache_size: int = 64  # prompts kept (LRU, ~4 MB each at T5 512 × 4096 bf16); count prompts always hit
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for values that cannot work; returns self."""

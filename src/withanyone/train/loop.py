@@ -122,17 +122,22 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
 
 def _encode_prompts(parts: TrainComponents, prompts: list[str], config: TrainConfig, device: torch.device):
     """T5 sequence and CLIP pooled embeddings per prompt (frozen encoders; cached per prompt string)."""
-    missing = [p for p in dict.fromkeys(prompts) if p not in parts.text_cache]
+    cache = parts.text_cache
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    found = {p: cache[p] for p in prompts if p in cache}
     if missing:
         with torch.no_grad():
             embeds, pooled, _ = parts.pipe.encode_prompt(prompt=missing, prompt_2=None, device=device,
                                                          num_images_per_prompt=1,
                                                          max_sequence_length=config.max_sequence_length)
-        fresh = {p: (embeds[i:i + 1], pooled[i:i + 1]) for i, p in enumerate(missing)}
-        if not config.cache_text_embeddings:
-            return (torch.cat([fresh[p][0] for p in prompts]), torch.cat([fresh[p][1] for p in prompts]))
-        parts.text_cache.update(fresh)
-    return (torch.cat([parts.text_cache[p][0] for p in prompts]), torch.cat([parts.text_cache[p][1] for p in prompts]))
+        found.update({p: (embeds[i:i + 1], pooled[i:i + 1]) for i, p in enumerate(missing)})
+    if config.cache_text_embeddings:  # LRU of at most text_cache_size prompts (phase 1 has only a handful)
+        for p in dict.fromkeys(prompts):
+            cache.pop(p, None)
+            cache[p] = found[p]
+        while len(cache) > config.text_cache_size:
+            cache.pop(next(iter(cache)))
+    return torch.cat([found[p][0] for p in prompts]), torch.cat([found[p][1] for p in prompts])
 
 
 def _sample_t(config: TrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
