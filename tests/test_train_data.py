@@ -160,3 +160,19 @@ def test_reference_bank_caps_embeddings_per_identity():
     for k, v in bank.items():
         assert v.shape == (2, 512)
         assert all(any(np.allclose(row, f) for f in full[k]) for row in v)
+
+
+def test_a_torn_shard_loses_only_its_remainder(tmp_path):
+    import shutil
+
+    good = tmp_path / "a.tar"
+    shutil.copy(tiny_multiid() / "train" / "000000.tar", good)
+    data = good.read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[: len(data) // 2 + 700])  # torn in the middle of a member
+    ds = MultiIDTrainDataset(tmp_path, 64, epochs=1)
+    keys = [s.key for s in ds]
+    assert keys[: len(PHOTOS)] == [f"{i:08d}" for i in range(len(PHOTOS))]  # a.tar complete
+    assert len(PHOTOS) < len(keys) < 2 * len(PHOTOS)  # part of b.tar, then it stops without raising
+    assert ds.skipped["unreadable_shard"] == 1
+    shuffled = MultiIDTrainDataset(tmp_path, 64, epochs=1, shuffle_buffer=4, seed=3)
+    assert sorted(s.key for s in shuffled) == sorted(keys) and shuffled.skipped["unreadable_shard"] == 1

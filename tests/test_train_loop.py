@@ -257,3 +257,14 @@ def test_text_embeddings_are_cached_per_prompt_with_a_bounded_lru(tmp_path):
     e3, p3 = _encode_prompts(parts, ["1 person", "2 people", "1 person"], uncached, torch.device("cpu"))
     torch.testing.assert_close(e3, e1, rtol=0, atol=0)
     torch.testing.assert_close(p3, p1, rtol=0, atol=0)
+
+
+def test_bf16_mixed_precision_step_keeps_fp32_adapter_weights(tmp_path):
+    parts = tiny_components()
+    for m in (parts.pipe.transformer, parts.pipe.vae, parts.pipe.text_encoder, parts.pipe.text_encoder_2):
+        m.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in parts.adapter.state_dict().items()}
+    res = train(tiny_config(tmp_path, max_steps=2, mixed_precision="bf16"), parts)
+    assert res.step == 2 and all(np.isfinite(h["loss"]) for h in res.history)
+    assert all(p.dtype == torch.float32 for p in parts.adapter.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in parts.adapter.state_dict().items())

@@ -11,7 +11,7 @@ def train_command(
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides of config fields, e.g. "
                                                  "phase=2 batch_size=8 train_shards=multiid/train_rec"),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML or JSON config (keys of TrainConfig, "
-                                       "at top level or under [train])."),
+                                       "at top level or in a train table)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:

@@ -156,14 +156,17 @@ class MultiIDTrainDataset(IterableDataset):
 
     # ------------------------------------------------------------------ stream
     def __iter__(self) -> Iterator[TrainSample]:
-        from withanyone.data.reader import _dataset, parse_sample
+        from withanyone.data.reader import _urls, parse_sample
 
+        urls = _urls(self.shards)
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             rng = random.Random(f"{self.seed}:{epoch}")
-            raw = self._raw(_dataset(self.shards), rng)
+            order = list(urls)
+            if self.shuffle_buffer > 1:
+                rng.shuffle(order)
             produced = 0
-            for index, d in enumerate(raw):
+            for index, d in enumerate(self._raw(order, rng)):
                 if index % self.world_size != self.rank:
                     continue
                 sample = self._build(d, parse_sample, random.Random(f"{self.seed}:{epoch}:{index}"))
@@ -175,20 +178,28 @@ class MultiIDTrainDataset(IterableDataset):
                 return  # nothing usable: stop instead of spinning forever
             epoch += 1
 
-    def _raw(self, ds: Any, rng: random.Random) -> Iterator[dict]:
-        it = iter(ds)
+    def _entries(self, urls: list[str]) -> Iterator[dict]:
+        """Raw webdataset dicts shard by shard; a torn or unreadable shard loses only its remainder."""
+        from withanyone.data.reader import _dataset
+
+        for url in urls:
+            it = iter(_dataset(url))
+            while True:
+                try:
+                    d = next(it)
+                except StopIteration:
+                    break
+                except Exception:  # truncated tar, unreadable file: count it, go on with the next shard
+                    self.skipped["unreadable_shard"] += 1
+                    break
+                yield d
+
+    def _raw(self, urls: list[str], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
-            yield from it
+            yield from self._entries(urls)
             return
         buf: list[dict] = []
-        while True:
-            try:
-                d = next(it)
-            except StopIteration:
-                break
-            except Exception:  # a torn tar member: count it, keep reading the rest
-                self.skipped["unreadable_shard_entry"] += 1
-                break
+        for d in self._entries(urls):
             buf.append(d)
             if len(buf) >= self.shuffle_buffer:
                 yield buf.pop(rng.randrange(len(buf)))
