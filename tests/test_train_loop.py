@@ -19,6 +19,17 @@ from withanyone.train.data import MultiIDTrainDataset, iter_batches  # noqa: E40
 from withanyone.train.loop import compute_losses, load_checkpoint, train, trainable_parameters  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision, accumulation); each run here starts clean,
+    as a fresh ``withanyone train`` process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+
+
 def _f(x: torch.Tensor) -> float:
     return float(x.detach())
 
