@@ -122,7 +122,7 @@ def test_a_few_steps_on_one_repeated_batch_lower_the_loss(tmp_path):
     assert after["flow"] < before["flow"]
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, caplog):
     straight = train(tiny_config(tmp_path / "a", max_steps=4), tiny_components())
     first = train(tiny_config(tmp_path / "b", max_steps=2), tiny_components())
     assert first.step == 2 and (tmp_path / "b" / "checkpoints" / "step-0000002" / "withanyone.safetensors").is_file()
@@ -141,6 +141,11 @@ def test_resume_is_exact(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all({"flow", "id", "cl", "loss", "lr"} <= set(r) for r in log)
     assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text()) == {"dir": "step-0000004", "step": 4}
     assert not list((tmp_path / "b" / "checkpoints").glob(".*tmp"))
+    assert "not an exact continuation" not in caplog.text
+    # already at max_steps: resuming does no step; a changed batch size is reported as inexact
+    again = train(tiny_config(tmp_path / "b", max_steps=4, batch_size=1), tiny_components())
+    assert again.step == 4 and again.history == []
+    assert "changed batch_size: not an exact continuation" in caplog.text
 
 
 def test_cli_trains_two_steps_and_the_adapter_loads_the_checkpoint(tmp_path):
@@ -183,6 +188,9 @@ def test_cli_trains_two_steps_and_the_adapter_loads_the_checkpoint(tmp_path):
     failed = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "cfg.toml"), "--no-progress",
                                       f"train_shards={empty}", f"output_dir={tmp_path / 'r2'}"])
     assert failed.exit_code == 1 and "no usable training samples" in " ".join(failed.output.split())
+    missing = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "cfg.toml"), "--no-progress",
+                                       f"arcface_weights={tmp_path / 'nope.safetensors'}", f"output_dir={tmp_path / 'r3'}"])
+    assert missing.exit_code == 1 and "nope.safetensors" in "".join(missing.output.split())
 
 
 def test_config_file_presets_and_overrides(tmp_path):

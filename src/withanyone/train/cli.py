@@ -34,6 +34,7 @@ def train_command(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from withanyone.errors import WithAnyoneError
     from withanyone.train.loop import TrainingError, train
 
     columns = (TextColumn("[bold]train[/bold] phase {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
@@ -47,7 +48,8 @@ def train_command(
 
         try:
             result = train(cfg, on_step=on_step)
-        except TrainingError as exc:
-            console.print(f"[red]training error:[/red] {exc}")
+        except (WithAnyoneError, OSError) as exc:  # bad data/weights/paths: a message, not a traceback
+            kind = "training error" if isinstance(exc, TrainingError) else type(exc).__name__
+            console.print(f"[red]{kind}:[/red] {exc}")
             raise typer.Exit(1) from exc
     console.print(f"step {result.step}: checkpoint {result.checkpoint}; skipped samples {result.skipped or 'none'}")

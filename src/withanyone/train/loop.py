@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: Adapter parameters that train (the ArcFace branch; the SigLIP branch is trained separately in the paper).
 TRAINABLE_PREFIXES = ("arcface_in_arc.", "ipa_arc.")
+#: Config fields that fix the data order and step randomness; changing them on resume is allowed but inexact.
+RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "train_shards", "resolution", "phase",
+               "shuffle_buffer", "paired_ratio", "text_dropout", "prompt_mode", "timestep_sampling")
 ADAPTER_FILE = "withanyone.safetensors"
 STATE_FILE = "trainer_state.safetensors"
 
@@ -373,6 +376,9 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
         meta = load_checkpoint(ckpt, adapter, optimizer.optimizer, scheduler)
         step = int(meta["step"])
         logger.info("resumed from %s at step %d", ckpt, step)
+        changed = {k for k in RESUME_KEYS if meta["config"].get(k) != getattr(config, k)}
+        if changed:  # still resumes, but the data order (hence bit-exactness) differs from an uninterrupted run
+            logger.warning("resuming %s with changed %s: not an exact continuation", ckpt, ", ".join(sorted(changed)))
 
     # --- data: a seeded stream; resuming replays and drops the batches already consumed
     refs = (load_reference_bank(config.reference_shards, seed=config.seed) if config.paired_ratio > 0 else {})
