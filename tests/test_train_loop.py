@@ -287,3 +287,29 @@ def test_bf16_mixed_precision_step_keeps_fp32_adapter_weights(tmp_path):
     assert res.step == 2 and all(np.isfinite(h["loss"]) for h in res.history)
     assert all(p.dtype == torch.float32 for p in parts.adapter.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in parts.adapter.state_dict().items())
+
+
+def test_a_batch_the_adapter_rejects_is_skipped_and_resume_stays_exact(tmp_path, monkeypatch):
+    import withanyone.train.loop as loop
+    from withanyone.model import InvalidBoxError
+
+    real = loop.compute_losses
+    seen = []
+
+    def flaky(batch, *a, **kw):
+        seen.append(tuple(batch.keys))
+        if len(seen) == 2:  # the second batch drawn (step 1) is rejected
+            raise InvalidBoxError("box outside the image")
+        return real(batch, *a, **kw)
+
+    monkeypatch.setattr(loop, "compute_losses", flaky)
+    straight = train(tiny_config(tmp_path / "a", max_steps=3), tiny_components())
+    assert straight.step == 3 and straight.skipped["rejected_batch"] == 2
+    seen.clear()
+    train(tiny_config(tmp_path / "b", max_steps=2), tiny_components())
+    resumed = train(tiny_config(tmp_path / "b", max_steps=3), tiny_components())
+    a, b = tiny_components().adapter, tiny_components().adapter
+    load_checkpoint(straight.checkpoint, a)
+    meta = load_checkpoint(resumed.checkpoint, b)
+    assert meta["extra"]["consumed_batches"] == 4  # 3 steps + 1 rejected batch
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

@@ -314,6 +314,37 @@ def load_checkpoint(folder: str | Path, adapter: Any, optimizer: torch.optim.Opt
     return meta
 
 
+class _Counted:
+    """An iterator that counts what it handed out (batches consumed, for exact resume)."""
+
+    def __init__(self, it: Any):
+        self.it, self.count = it, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.count += 1
+        return item
+
+
+def _next_losses(batches: Any, dataset: MultiIDTrainDataset, parts: TrainComponents, config: TrainConfig,
+                 generator: torch.Generator, autocast: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    """Losses of the next batch; a batch the adapter rejects (boxes, identities) is counted and skipped."""
+    from withanyone.model import IdentityInputError, InvalidBoxError
+
+    while True:
+        batch = next(batches, None)
+        if batch is None:
+            raise TrainingError(f"{config.train_shards}: no usable training samples (skipped: {dict(dataset.skipped)})")
+        try:
+            return compute_losses(batch, parts, config, generator, autocast=autocast)
+        except (IdentityInputError, InvalidBoxError) as exc:
+            logger.warning("skipping batch %s: %s", batch.keys, exc)
+            dataset.skipped["rejected_batch"] += len(batch.keys)
+
+
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
     """Average gradients over processes (the adapter runs through hooks, not a DDP-wrapped forward)."""
     if world <= 1:
@@ -370,11 +401,12 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
     optimizer = accelerator.prepare(optimizer)
 
     # --- resume
-    step = 0
+    step = consumed = 0
     ckpt = latest_checkpoint(out) if config.resume else None
     if ckpt is not None:
         meta = load_checkpoint(ckpt, adapter, optimizer.optimizer, scheduler)
         step = int(meta["step"])
+        consumed = int(meta["extra"].get("consumed_batches", step * config.gradient_accumulation_steps))
         logger.info("resumed from %s at step %d", ckpt, step)
         changed = {k for k in RESUME_KEYS if meta["config"].get(k) != getattr(config, k)}
         if changed:  # still resumes, but the data order (hence bit-exactness) differs from an uninterrupted run
@@ -395,46 +427,43 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
                                   seed=config.seed,
                                   shuffle_buffer=config.shuffle_buffer, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes)
-    batches = iter_batches(dataset, config.batch_size)
-    for _ in range(step * config.gradient_accumulation_steps):
+    batches = _Counted(iter_batches(dataset, config.batch_size))
+    for _ in range(consumed):
         next(batches, None)
 
     # --- loop
     history: list[dict[str, float]] = []
     last: dict[str, float] = {}
     saved = ckpt
-    while step < config.max_steps:
-        sums: dict[str, float] = {}
-        for micro in range(config.gradient_accumulation_steps):
-            batch = next(batches, None)
-            if batch is None:
-                raise TrainingError(f"{config.train_shards}: no usable training samples "
-                                    f"(skipped: {dict(dataset.skipped)})")
-            with accelerator.accumulate(adapter):
-                losses = compute_losses(batch, parts, config, _step_generator(config.seed, step, micro, accelerator.process_index),
-                                        autocast=accelerator.autocast)
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients:
-                    _all_reduce_grads(params, accelerator.num_processes)
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    sums["grad_norm"] = float(grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.gradient_accumulation_steps
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        step += 1
-        last = {**sums, "lr": lr, "step": step}
-        history.append(last)
-        if on_step is not None:
-            on_step(step, last)
-        if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
-            append_jsonl(out / "log.jsonl", {**last, "skipped": dict(dataset.skipped)})
-        if step % config.save_every == 0 or step == config.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                saved = save_checkpoint(out, step, adapter, optimizer.optimizer, scheduler, config,
-                                        {"skipped": dict(dataset.skipped)})
-    adapter.detach()
+    try:
+        while step < config.max_steps:
+            sums: dict[str, float] = {}
+            for micro in range(config.gradient_accumulation_steps):
+                generator = _step_generator(config.seed, step, micro, accelerator.process_index)
+                with accelerator.accumulate(adapter):
+                    losses = _next_losses(batches, dataset, parts, config, generator, accelerator.autocast)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients:
+                        _all_reduce_grads(params, accelerator.num_processes)
+                        sums["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.gradient_accumulation_steps
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            step += 1
+            last = {**sums, "lr": lr, "step": step}
+            history.append(last)
+            if on_step is not None:
+                on_step(step, last)
+            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+                append_jsonl(out / "log.jsonl", {**last, "skipped": dict(dataset.skipped)})
+            if step % config.save_every == 0 or step == config.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    saved = save_checkpoint(out, step, adapter, optimizer.optimizer, scheduler, config,
+                                            {"skipped": dict(dataset.skipped), "consumed_batches": batches.count})
+    finally:
+        adapter.detach()
     return TrainResult(step, last, saved, dict(dataset.skipped), history)
