@@ -162,3 +162,16 @@ def test_bytes_and_pil_and_path_agree(shared_faces: Path):
     b = load_image(p.read_bytes())
     c = load_image(Image.open(p))
     assert a.shape == b.shape == c.shape and np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_image_extension_sniffs_the_format_from_the_bytes():
+    from withanyone.faces.image import image_extension
+
+    arr = _gradient()
+    found = {}
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        found[fmt] = image_extension(buf.getvalue())
+    assert found == {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
+    assert image_extension(b"not an image") == "jpg"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WithAnyoneError
+from ..faces.image import image_extension
 from ..io import atomic_write_bytes, atomic_write_json
 from .samples import SUBSETS, Benchmark, MethodOutputs, Sample, subset_for
 
@@ -159,16 +160,6 @@ def _image_bytes(value: Any, where: str) -> bytes | None:
     raise BenchmarkFormatError(where, f"unsupported image cell of type {type(value).__name__}")
 
 
-def _suffix(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return ".jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return ".png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return ".jpg"
-
-
 def _safe_id(value: Any, index: int) -> str:
     sid = str(value if value not in (None, "") else f"{index:04d}")
     sid = re.sub(r"[^A-Za-z0-9._-]+", "_", sid).strip("._") or f"{index:04d}"
@@ -241,10 +232,10 @@ def convert_hub(source: str | Path = HUB_ID, out_dir: str | Path = "multiid-benc
         if subset not in SUBSETS:
             subset = subset_for(num)
         if gt is not None:
-            atomic_write_bytes(folder / f"ori{_suffix(gt)}", gt)
+            atomic_write_bytes(folder / f"ori.{image_extension(gt)}", gt)
         for k, data in enumerate(ref_bytes, 1):
             if data is not None:
-                atomic_write_bytes(folder / f"ref_{k}{_suffix(data)}", data)
+                atomic_write_bytes(folder / f"ref_{k}.{image_extension(data)}", data)
         meta = {caption_key: row.get("prompt", row.get("caption_en", "")) or "", "bboxes": boxes,
                 "subset": subset, "num_persons": num, "task_type": row.get("task_type")}
         atomic_write_json(meta_path, meta)  # written last: its presence marks the sample complete

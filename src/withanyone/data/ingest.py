@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..faces.image import image_extension  # noqa: F401  (re-exported: WebDataset key suffixes)
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -196,20 +197,3 @@ def read_item_bytes(item: InputItem, fetch: bool = False, timeout: float = 30.0)
             raise ValueError(f"remote file larger than {MAX_FETCH_BYTES} bytes")
         return data
     return Path(item.source).read_bytes()
-
-
-def image_extension(data: bytes) -> str:
-    """File extension matching the bytes' format (WebDataset key suffix), ``jpg`` when unknown."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    return "jpg"

@@ -149,6 +149,23 @@ def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) 
         return _pil_to_rgb(im, name)
 
 
+def image_extension(data: bytes) -> str:
+    """File extension (no dot) matching encoded image bytes by their magic number; ``jpg`` when unknown."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return "jpg"
+
+
 def struct_error() -> type[Exception]:
     """``struct.error`` (raised by some PIL plugins on garbage headers)."""
     import struct
