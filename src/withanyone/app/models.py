@@ -9,7 +9,7 @@ from typing import Any
 
 #: Low-VRAM presets: name → what it does (shown in the app and the docs).
 PRESETS: dict[str, str] = {
-    "none": "everything on the GPU (fastest; needs the most memory)",
+    "none": "everything on the device (fastest; needs the most memory)",
     "model-offload": "diffusers enable_model_cpu_offload(): one model on the GPU at a time (the adapter rides "
                      "with the transformer)",
     "group-offload": "diffusers group offload (block level, 1 block per group, CUDA stream prefetch) on the "

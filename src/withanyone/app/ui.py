@@ -13,7 +13,7 @@ from .people import MAX_PEOPLE, TRAINED_PEOPLE
 from .studio import SIZES, TINY_SIZES, Cancelled, Person, Placement, Studio, canvas, draw_boxes, people_note
 
 PLACEMENTS = {"automatic presets": "auto", "boxes drawn on the canvas": "drawn", "layout photo": "layout"}
-TINY_BANNER = ("⚠ **Tiny random model (`--tiny`)**: every image is noise from a tiny model with random weights. "
+TINY_BANNER = ("⚠ **Tiny random model (`--tiny`)**: images are noise from a tiny random model (random weights). "
                "Everything else — face analysis, placement, progress, sidecars — is real. With weights and a GPU: "
                "`withanyone app`.")
 
@@ -74,7 +74,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt",
                                         value="a photo of two people in the park" if tiny else "")
                     with gr.Row():
-                        size = gr.Dropdown(size_choices, value=size_choices[0], label="size", elem_id="size")
+                        size = gr.Radio(size_choices, value=size_choices[0], label="size (aspect presets)", elem_id="size",
+                                        scale=3)
                         width = gr.Number(w0, label="width", precision=0, step=16, elem_id="width")
                         height = gr.Number(h0, label="height", precision=0, step=16, elem_id="height")
                     placement = gr.Radio(list(PLACEMENTS), value="automatic presets", label="face placement",
@@ -167,7 +168,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                                 "crop from the most frontal one" if good > 1 else "")
                 return items, text
 
-            photos.change(on_photos, photos, [crops, warn])
+            photos.change(on_photos, photos, [crops, warn], concurrency_limit=1, concurrency_id="faces")
 
         def on_layout(path, n, w, h, *args):
             if not path:
@@ -187,7 +188,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return draw_boxes(a.image, boxes, labels, width=max(2, min(a.image.shape[:2]) // 150)), how
 
         layout_inputs = [layout, n_people, width, height, *names, *[s[2] for s in slots]]
-        layout.change(on_layout, layout_inputs, [layout_view, layout_msg])
+        layout.change(on_layout, layout_inputs, [layout_view, layout_msg], concurrency_limit=1,
+                      concurrency_id="faces")
 
         gen_inputs = [prompt, n_people, width, height, steps, guidance, random_seed, seed, resemblance, lora,
                       lora_scale, placement, board, layout, extra, show_boxes, results, *names,
