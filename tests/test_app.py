@@ -167,3 +167,32 @@ def test_missing_weights_are_explained(tmp_path):
     assert not models.ready
     text = banner(models)
     assert "no-flux/model_index.json is missing" in text and "huggingface-cli download" in text
+
+
+def _tiny_image(refs, preset):
+    from withanyone.app.models import apply_preset
+    from withanyone.pipeline.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    apply_preset(pipe, preset, "cpu")
+    return pipe("a photo of two people", references=refs, height=64, width=64, num_inference_steps=2, seed=3,
+                output_type="np", siglip_weight=0.3, id_weight=0.7).images[0]
+
+
+@pytest.fixture(scope="module")
+def duo_refs(shared_faces, dlib_analyzer):
+    return [merge_identity([analyse_photo(shared_faces / who / "1.jpg", dlib_analyzer)], need_crop=True)
+            for who in ("obama", "biden")]
+
+
+@pytest.fixture(scope="module")
+def plain_image(duo_refs):
+    return _tiny_image(duo_refs, "none")
+
+
+@pytest.mark.parametrize("preset", ["model-offload", "group-offload"])
+def test_low_vram_presets_keep_the_images(duo_refs, plain_image, preset):
+    """The offload presets run the adapter and give the very image of the plain placement (CPU as device)."""
+    np.testing.assert_array_equal(_tiny_image(duo_refs, preset), plain_image)
+    assert plain_image.std() > 0.01

@@ -7,15 +7,14 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Low-VRAM presets: name → what it does (shown in the app and the docs).
+#: Low-VRAM presets: name → what it does (shown in the app and the docs). diffusers' sequential CPU offload is
+#: not offered: with the pinned accelerate + torch 2.13 it fails even for a plain FluxPipeline (see docs/app.md).
 PRESETS: dict[str, str] = {
     "none": "everything on the device (fastest; needs the most memory)",
     "model-offload": "diffusers enable_model_cpu_offload(): one model on the GPU at a time (the adapter rides "
                      "with the transformer)",
     "group-offload": "diffusers group offload (block level, 1 block per group, CUDA stream prefetch) on the "
                      "transformer and T5; the adapter, CLIP, VAE stay on the GPU",
-    "sequential-offload": "diffusers enable_sequential_cpu_offload(): every layer streamed from CPU (slowest, "
-                          "least memory)",
     "nf4": "transformer quantized to 4-bit NF4 with bitsandbytes, plus model offload (needs bitsandbytes)",
 }
 
@@ -67,17 +66,16 @@ def apply_preset(pipe: Any, preset: str, device: str) -> None:
         pipe.to(device)
     elif preset in ("model-offload", "nf4"):
         pipe.enable_model_cpu_offload(device=device)
-    elif preset == "sequential-offload":
-        pipe.enable_sequential_cpu_offload(device=device)
     elif preset == "group-offload":
         import torch
 
         onload = torch.device(device)
         use_stream = onload.type == "cuda"
+        from diffusers.hooks import apply_group_offloading
+
         for name in ("transformer", "text_encoder_2"):
-            getattr(pipe, name).enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"),
-                                                     offload_type="block_level", num_blocks_per_group=1,
-                                                     use_stream=use_stream)
+            apply_group_offloading(getattr(pipe, name), onload_device=onload, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
         for name in ("text_encoder", "vae", "adapter"):
             mod = getattr(pipe, name, None)
             if mod is not None:
