@@ -196,3 +196,19 @@ def test_low_vram_presets_keep_the_images(duo_refs, plain_image, preset):
     """The offload presets run the adapter and give the very image of the plain placement (CPU as device)."""
     np.testing.assert_array_equal(_tiny_image(duo_refs, preset), plain_image)
     assert plain_image.std() > 0.01
+
+
+def test_cancel_stops_the_generation(duo_refs, tmp_path, monkeypatch):
+    from withanyone.app import LoadOptions, Person, Placement, Studio, load_models
+    from withanyone.app.studio import Cancelled
+
+    studio = Studio(load_models(LoadOptions(tiny=True, device="cpu")), tmp_path)
+    monkeypatch.setattr(studio, "references", lambda people, need_crop: (duo_refs, []))
+    steps = []
+    with pytest.raises(Cancelled):
+        for ev in studio.generate("a photo", [Person("a"), Person("b")], Placement("auto"), height=64, width=64,
+                                  steps=4, guidance=4.0, seed=1, siglip_weight=0.0):
+            steps.append(ev["step"])
+            studio.cancel()
+    assert 1 <= len(steps) <= 4
+    assert not list(tmp_path.glob("*.png"))  # nothing written for a cancelled run
