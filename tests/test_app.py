@@ -212,3 +212,50 @@ def test_cancel_stops_the_generation(duo_refs, tmp_path, monkeypatch):
             studio.cancel()
     assert 1 <= len(steps) <= 4
     assert not list(tmp_path.glob("*.png"))  # nothing written for a cancelled run
+
+
+def test_lora_file_acts_and_unloads(duo_refs, tmp_path, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from withanyone.app import LoadOptions, Person, Placement, Studio, load_models
+    from withanyone.pipeline.pipeline import WithAnyonePipeline
+    from withanyone.pipeline.tiny import tiny_transformer
+
+    donor = tiny_transformer()
+    torch.manual_seed(1)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                 init_lora_weights=False))
+    WithAnyonePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(donor))
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    studio = Studio(load_models(LoadOptions(tiny=True, device="cpu")), tmp_path / "out")
+    monkeypatch.setattr(studio, "references", lambda people, need_crop: (duo_refs, []))
+
+    def image(lora):
+        events = list(studio.generate("a photo", [Person("a"), Person("b")], Placement("auto"), height=64, width=64,
+                                      steps=2, guidance=4.0, seed=5, siglip_weight=0.0, lora=lora, lora_scale=1.0))
+        return np.asarray(events[-1]["image"], dtype=np.int16), events[-1]["sidecar"]
+
+    plain, _ = image(None)
+    styled, side = image(str(lora_file))
+    assert np.abs(styled - plain).max() > 3 and side["lora"] == [str(lora_file)]
+    np.testing.assert_array_equal(image(None)[0], plain)  # unloaded again
+
+
+def test_app_starts_without_weights_and_says_what_is_missing(tmp_path):
+    import socket
+    import urllib.request
+
+    from withanyone.app import LoadOptions, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch(LoadOptions(base=str(tmp_path / "no-flux"), device="cpu"), port=port, out_dir=str(tmp_path / "o"),
+                  block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as r:
+            config = r.read().decode()
+        assert "no-flux/model_index.json is missing" in config and "huggingface-cli download" in config
+    finally:
+        demo.close()

@@ -159,7 +159,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     return [], ""
                 if not _studio.models.ready:
                     return [], "models not loaded: photos cannot be analysed"
-                analyses, warnings = _studio.analyse_person(paths)
+                try:
+                    analyses, warnings = _studio.analyse_person(paths)
+                except Exception as exc:  # e.g. the face pack cannot be loaded: a message, not a traceback
+                    return [], f"⚠ the photos could not be analysed: {exc}"
                 items = [(a.crop, f"{a.name}: {a.faces_found} face(s)") for a in analyses if a.crop is not None]
                 good = sum(a.ok for a in analyses)
                 text = "\n".join(f"- ⚠ {w}" for w in warnings)
