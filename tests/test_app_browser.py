@@ -100,6 +100,12 @@ def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
         expect(page.locator("#crops0 img")).to_have_count(2)
         expect(page.locator("#crops1 img")).to_have_count(1)
 
+        # a layout photo showing the two people, biden left and obama right: assigned by identity, shown
+        page.get_by_label("layout photo").check()
+        page.locator("#layout input[type=file]").set_input_files(str(shared_faces / "group" / "2.jpg"))
+        expect(page.locator("#layout_msg")).to_contain_text("matched by identity: obama (cos")
+        expect(page.locator("#layout_view img")).to_be_visible()
+
         page.get_by_label("16:9 (224×128)").check()  # the 16:9 preset is 224×128 in --tiny
         expect(page.locator("#width input")).to_have_value("224")
         page.locator("#reset_boxes").click()

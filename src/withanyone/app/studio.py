@@ -69,6 +69,7 @@ class Studio:
         self._analysis: dict[str, PhotoAnalysis] = {}
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._face_lock = threading.RLock()
         self._lora: str | None = None
 
     # ------------------------------------------------------------------ references
@@ -84,9 +85,10 @@ class Studio:
             key = hashlib.sha256(p.read_bytes()).hexdigest()
         except OSError:
             key = str(p)
-        hit = self._analysis.get(key)
-        if hit is None:
-            hit = self._analysis[key] = analyse_photo(p, self.analyzer, name=p.name)
+        with self._face_lock:  # uploads and generations may analyse from two threads; one detector at a time
+            hit = self._analysis.get(key)
+            if hit is None:
+                hit = self._analysis[key] = analyse_photo(p, self.analyzer, name=p.name)
         return hit
 
     def analyse_person(self, paths: Sequence[str]) -> tuple[list[PhotoAnalysis], list[str]]:
@@ -114,7 +116,8 @@ class Studio:
     def assign(self, layout: str, people: Sequence[Person], height: int, width: int) -> LayoutAssignment:
         """Boxes for ``people`` from a layout photo, matched by identity when possible."""
         refs = [merge_identity(self.analyse_person(p.photos)[0]) for p in people]
-        return assign_layout(layout, refs, height, width, self.analyzer)
+        with self._face_lock:
+            return assign_layout(layout, refs, height, width, self.analyzer)
 
     def resolve_boxes(self, placement: Placement, people: Sequence[Person], height: int,
                       width: int) -> tuple[list[Box], str]:

@@ -113,7 +113,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                     status = gr.Markdown(elem_id="status")
                     show_boxes = gr.Checkbox(False, label="draw the face boxes on the results", elem_id="show_boxes")
-                    gallery = gr.Gallery(label="results", columns=3, height=360, elem_id="gallery",
+                    gallery = gr.Gallery(label="results", columns=3, height=360, elem_id="gallery", object_fit="contain",
                                          interactive=False)
                     downloads = gr.File(label="download: image + JSON sidecar", file_count="multiple",
                                         interactive=False, elem_id="downloads")
@@ -293,8 +293,8 @@ def _bench_tab() -> None:
     info = gr.Markdown(elem_id="bench_info")
     with gr.Row():
         gt = gr.Image(label="GT (matched faces boxed)", interactive=False, elem_id="bench_gt")
-        refs = gr.Gallery(label="references", columns=4, height=240, interactive=False, elem_id="bench_refs")
-    outs = gr.Gallery(label="outputs", columns=4, height=300, interactive=False, elem_id="bench_outputs")
+        refs = gr.Gallery(label="references", columns=4, height=240, object_fit="contain", interactive=False, elem_id="bench_refs")
+    outs = gr.Gallery(label="outputs", columns=4, height=300, object_fit="contain", interactive=False, elem_id="bench_outputs")
     table = gr.Dataframe(headers=["method", "face", "box", "→ GT face", "Sim(GT)", "→ ref", "Sim(Ref)", "CP"],
                          interactive=False, elem_id="bench_table")
 
