@@ -112,14 +112,15 @@ def load_models(opts: LoadOptions) -> LoadedModels:
     from ..pipeline.pipeline import WithAnyonePipeline
 
     kwargs: dict[str, Any] = {}
-    if preset == "nf4":
-        from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
-
-        kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(
-            opts.base, subfolder="transformer", torch_dtype=torch.bfloat16, local_files_only=opts.offline or None,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=torch.bfloat16))
     try:
+        if preset == "nf4":
+            from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+            kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(
+                opts.base, subfolder="transformer", torch_dtype=torch.bfloat16,
+                local_files_only=opts.offline or None,
+                quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.bfloat16))
         pipe = WithAnyonePipeline.from_pretrained(opts.base, adapter=opts.adapter, siglip=opts.siglip,
                                                   face_pack=opts.face_pack, torch_dtype=getattr(torch, dtype),
                                                   local_files_only=opts.offline or None, **kwargs)
