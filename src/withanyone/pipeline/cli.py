@@ -46,8 +46,6 @@ def generate_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate an image of the --ref people (their faces in --box / --layout / automatic boxes)."""
-    import platform
-
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -59,7 +57,6 @@ def generate_command(
 
     import torch
 
-    from ..io import atomic_write_bytes, atomic_write_json
     from .pipeline import WithAnyonePipeline
 
     if device == "auto":
@@ -104,33 +101,14 @@ def generate_command(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
 
-    import io
+    from .sidecar import build_sidecar, write_image_and_sidecar
 
     image = result.images[0]
-    buf = io.BytesIO()
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(out.suffix.lower(), "PNG")
-    image.save(buf, format=fmt)
-    atomic_write_bytes(out, buf.getvalue())
-
-    import diffusers
-    import transformers
-
-    from .. import __version__ as withanyone_version
-
-    sidecar = {
-        "prompt": prompt, "references": list(ref), "reference_sources": result.references,
-        "boxes": [list(b) for b in result.boxes],
-        "box_mode": "explicit" if boxes is not None else ("layout" if layout is not None else "auto"),
-        "layout": str(layout) if layout is not None else None,
-        "id_weight": id_weight, "siglip_weight": siglip_weight, "seed": result.seed,
-        "height": height, "width": width, "steps": steps, "guidance": guidance,
-        "lora": list(lora or []), "lora_scale": lora_scale, "dtype": dtype, "device": device, "offload": offload,
-        "models": {**pipe.model_sources, "face_analyzer": pipe.face_analyzer_spec()},
-        "versions": {"withanyone": withanyone_version, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "output": str(out),
-    }
-    sidecar_path = out.with_suffix(".json")
-    atomic_write_json(sidecar_path, sidecar)
+    sidecar = build_sidecar(
+        pipe, result, prompt=prompt, references=list(ref),
+        box_mode="explicit" if boxes is not None else ("layout" if layout is not None else "auto"),
+        layout=str(layout) if layout is not None else None, id_weight=id_weight, siglip_weight=siglip_weight,
+        height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
+        dtype=dtype, device=device, offload=offload, output=str(out))
+    sidecar_path = write_image_and_sidecar(out, image, sidecar)
     console.print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {sidecar_path}; seed {result.seed}")
