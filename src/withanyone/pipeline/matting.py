@@ -67,7 +67,7 @@ def foreground_mask(crop: np.ndarray, model: Any) -> np.ndarray:
     from PIL import Image
 
     param = next(model.parameters())
-    pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+    pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
     with torch.no_grad():
         prob = _foreground(model(pixels.to(param.device, param.dtype))).cpu()
     mask = Image.fromarray(prob.mul(255).to(torch.uint8).numpy())  # torchvision's ToPILImage

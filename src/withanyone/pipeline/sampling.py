@@ -18,7 +18,6 @@ which on CUDA is a different random stream.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -89,8 +88,6 @@ def check_shift_scheduler(scheduler: Any) -> None:
                 "use_flow_sigmas", "invert_sigmas"):
         if get(key, None):
             problems.append(f"{key} is set")
-    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
-        problems.append("its set_timesteps takes no sigmas")
     if problems:
         raise ValueError(f"timestep_shift='release' reproduces FLUX-dev's dynamic time shift, but the scheduler "
                          f"({type(scheduler).__name__}) differs: {'; '.join(problems)}. Use timestep_shift='flux'.")
