@@ -116,6 +116,23 @@ def test_release_shift_runs_flux_pipelines_own_loop(pipe, plain):
         pipe(**get_dummy_inputs(), timestep_shift="sd3")
 
 
+def test_release_shift_on_other_flow_schedulers():
+    """A fixed shift (FLUX-schnell style) also multiplies the odds, so the release's sigmas are reached too;
+    a scheduler that reshapes sigmas otherwise is refused with a clear message."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from withanyone.pipeline.sampling import pipeline_sigmas
+
+    for shift in (1.0, 3.0):
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+        sched.set_timesteps(sigmas=pipeline_sigmas("release", 1024, 1024, 25, sched), mu=1.15)
+        torch.testing.assert_close(sched.sigmas, _release_formula(1024, 1024, 25), atol=1e-6, rtol=0)
+    karras = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_karras_sigmas is set.*timestep_shift='flux'"):
+        pipeline_sigmas("release", 1024, 1024, 25, karras)
+    assert pipeline_sigmas("flux", 1024, 1024, 25, karras) is None
+
+
 def _pack(x: torch.Tensor) -> torch.Tensor:
     """2×2 patches to tokens, (c, ph, pw) order, token by token."""
     b, c, h, w = x.shape

@@ -57,6 +57,16 @@ def flux_mu(height: int, width: int, scheduler_config: Any) -> float:
                    get("max_image_seq_len", 4096), get("max_shift", 1.15))
 
 
+def scheduler_mu(height: int, width: int, scheduler_config: Any) -> float:
+    """The μ the scheduler applies inside FluxPipeline: :func:`flux_mu` with dynamic shifting, else
+    ``ln(shift)`` (a fixed ``shift·σ / (1 + (shift − 1)·σ)`` also multiplies the odds, by ``shift``)."""
+    cfg = scheduler_config
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
+    if get("use_dynamic_shifting", False):
+        return flux_mu(height, width, cfg)
+    return math.log(float(get("shift", 1.0)))
+
+
 def time_shift(mu: float, sigmas: np.ndarray | Sequence[float]) -> np.ndarray:
     """FLUX's exponential time shift ``e^μ / (e^μ + 1/σ − 1)`` (float64; σ = 0 stays 0)."""
     s = np.asarray(sigmas, dtype=np.float64)
@@ -76,13 +86,12 @@ def release_sigmas(height: int, width: int, num_inference_steps: int) -> np.ndar
 
 
 def check_shift_scheduler(scheduler: Any) -> None:
-    """``timestep_shift="release"`` needs FLUX-dev's scheduler: exponential dynamic shifting and nothing on top."""
+    """``timestep_shift="release"`` needs a flow-matching scheduler whose own shift multiplies the odds (FLUX's
+    exponential dynamic shift, or a fixed ``shift``) and changes nothing else."""
     cfg = scheduler.config
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
     problems = []
-    if not get("use_dynamic_shifting", False):
-        problems.append("use_dynamic_shifting is off")
-    if get("time_shift_type", "exponential") != "exponential":
+    if get("use_dynamic_shifting", False) and get("time_shift_type", "exponential") != "exponential":
         problems.append(f"time_shift_type is {get('time_shift_type')!r}")
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
                 "use_flow_sigmas", "invert_sigmas"):
@@ -107,7 +116,7 @@ def pipeline_sigmas(timestep_shift: str, height: int, width: int, num_inference_
         return None if sigmas is None else list(sigmas)
     check_shift_scheduler(scheduler)
     base = base_sigmas(num_inference_steps) if sigmas is None else np.asarray(sigmas, dtype=np.float64)
-    delta = release_mu(height, width) - flux_mu(height, width, scheduler.config)
+    delta = release_mu(height, width) - scheduler_mu(height, width, scheduler.config)
     return time_shift(delta, base).tolist()
 
 
