@@ -91,12 +91,14 @@ def test_same_seed_same_image_and_seed_is_reported(pipe):
 
 
 def test_attached_adapter_without_identities_equals_plain_flux(pipe, plain):
+    # FluxPipeline's own time shift (timestep_shift="flux"); the default release shift is tested in
+    # test_pipeline_faithful.py
     assert pipe.adapter.attached
-    ours = _run(pipe).images
+    ours = _run(pipe, timestep_shift="flux").images
     theirs = plain(**get_dummy_inputs()).images
     np.testing.assert_array_equal(ours, theirs)
     # identities at weight 0 on both branches skip the adapter entirely
-    zero = _run(pipe, references=EMB[:2], id_weight=0.0, siglip_weight=0.0).images
+    zero = _run(pipe, references=EMB[:2], id_weight=0.0, siglip_weight=0.0, timestep_shift="flux").images
     np.testing.assert_allclose(zero, theirs, atol=1e-6)
 
 

@@ -44,6 +44,16 @@ def generate_command(
     offload: bool = typer.Option(False, "--offload", help="enable_model_cpu_offload() (low GPU memory)."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    timestep_shift: str = typer.Option("release", "--timestep-shift", help="release (the authors' inference) or "
+                                       "flux (diffusers' FluxPipeline: stronger shift at large sizes)."),
+    noise: str = typer.Option("release", "--noise", help="release (seed drawn on the device in the model dtype, "
+                              "as the authors' inference) or cpu (FluxPipeline from a CPU generator)."),
+    reference_face: str = typer.Option("score", "--reference-face", help="Face of a multi-face reference photo: "
+                                       "score (highest detector score, the release's) or largest."),
+    matting: bool = typer.Option(False, "--matting/--no-matting", help="Remove the background of the reference "
+                                 "crops before SigLIP (needs --siglip-weight > 0)."),
+    matting_model: str = typer.Option("briaai/RMBG-2.0", "--matting-model", help="Segmentation model for --matting "
+                                      "(hub id or folder)."),
 ) -> None:
     """Generate an image of the --ref people (their faces in --box / --layout / automatic boxes)."""
     from rich.console import Console
@@ -54,6 +64,11 @@ def generate_command(
         raise typer.BadParameter("give either --box or --layout, not both")
     if boxes is not None and len(boxes) != len(ref):
         raise typer.BadParameter(f"{len(boxes)} --box for {len(ref)} --ref: give one box per reference")
+    for flag, value, allowed in (("--timestep-shift", timestep_shift, ("release", "flux")),
+                                 ("--noise", noise, ("release", "cpu")),
+                                 ("--reference-face", reference_face, ("score", "largest"))):
+        if value not in allowed:
+            raise typer.BadParameter(f"{flag} {value!r}: choose {' or '.join(allowed)}")
 
     import torch
 
@@ -85,6 +100,8 @@ def generate_command(
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if matting:
+        pipe.set_matting(matting_model)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -96,6 +113,8 @@ def generate_command(
             result = pipe(prompt, references=list(ref), boxes=str(layout) if layout is not None else boxes,
                           id_weight=id_weight, siglip_weight=siglip_weight, height=height, width=width,
                           num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                          timestep_shift=timestep_shift, noise=noise, reference_face=reference_face,
+                          use_matting=matting,
                           step_callback=lambda i, n: bar.update(task, completed=i))
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
         console.print(f"[red]error:[/] {exc}")
@@ -109,6 +128,8 @@ def generate_command(
         box_mode="explicit" if boxes is not None else ("layout" if layout is not None else "auto"),
         layout=str(layout) if layout is not None else None, id_weight=id_weight, siglip_weight=siglip_weight,
         height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
-        dtype=dtype, device=device, offload=offload, output=str(out))
+        dtype=dtype, device=device, offload=offload, output=str(out),
+        timestep_shift=timestep_shift, noise=noise, reference_face=reference_face, matting=matting,
+        matting_model=matting_model if matting else None)
     sidecar_path = write_image_and_sidecar(out, image, sidecar)
     console.print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {sidecar_path}; seed {result.seed}")

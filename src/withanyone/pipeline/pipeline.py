@@ -24,11 +24,15 @@ from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
 
 from .layout import Box, resolve_boxes
-from .references import Reference, check_analyzer, encode_siglip, prepare_references
+from .matting import DEFAULT_MATTING, matte_crop
+from .references import REFERENCE_FACES, Reference, check_analyzer, encode_siglip, prepare_references
+from .sampling import NOISE_MODES, TIMESTEP_SHIFTS, pipeline_sigmas, release_latents
 
 #: Default knobs of the release's inference script.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
+#: Detection threshold of the release's reference face extractor (insightface ``det_thresh``).
+REFERENCE_DET_THRESH = 0.4
 
 
 @dataclass
@@ -66,6 +70,9 @@ class WithAnyonePipeline(FluxPipeline):
         self._siglip: tuple[Any, Any] | None = None
         self._face_source: Any = None
         self._face_analyzer: Any = None
+        self._matting_source: Any = DEFAULT_MATTING
+        self._matting_trust: bool | None = None
+        self._matting: Any = None
         #: Where each model came from and at which revision (filled by ``from_pretrained``).
         self.model_sources: dict[str, Any] = {}
 
@@ -130,7 +137,8 @@ class WithAnyonePipeline(FluxPipeline):
         return self._siglip
 
     def face_analyzer(self) -> Any:
-        """The face analyzer (insightface ArcFace by default), creating it now if needed."""
+        """The face analyzer (insightface ArcFace by default, detecting at the release's 0.4), creating it now
+        if needed."""
         if self._face_analyzer is None:
             src = self._face_source if self._face_source is not None else "antelopev2"
             if callable(src) and not isinstance(src, str):
@@ -138,8 +146,34 @@ class WithAnyonePipeline(FluxPipeline):
             else:
                 from ..faces import FaceAnalyzer
 
-                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src))
+                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=REFERENCE_DET_THRESH)
         return self._face_analyzer
+
+    def set_matting(self, model: Any, *, trust_remote_code: bool | None = None) -> None:
+        """Background-matting model for ``use_matting=True``: a segmentation model object, a hub id / folder
+        (default the release's ``briaai/RMBG-2.0``; ``trust_remote_code`` defaults to True only for it), or a
+        callable returning a model; loaded on the first call that needs it."""
+        self._matting_source, self._matting_trust, self._matting = model, trust_remote_code, None
+        if isinstance(model, torch.nn.Module):
+            self._matting = model
+
+    @property
+    def matting_loaded(self) -> bool:
+        """Whether the matting model has been loaded (never, unless a call had ``use_matting=True``)."""
+        return self._matting is not None
+
+    def load_matting(self) -> Any:
+        """The background-matting segmentation model, loading it now if needed."""
+        if self._matting is None:
+            src = self._matting_source
+            if callable(src) and not isinstance(src, str):
+                self._matting = src()
+            else:
+                from .matting import load_matting
+
+                self._matting = load_matting(src, torch_dtype=self.transformer.dtype,
+                                             trust_remote_code=self._matting_trust)
+        return self._matting
 
     # ------------------------------------------------------------------ inputs
     def check_identity_inputs(self, references: Sequence[Any] | None, boxes: Any, id_weight: float,
@@ -170,7 +204,8 @@ class WithAnyonePipeline(FluxPipeline):
         if boxes is not None and _looks_like_boxes(boxes):
             validate_boxes(boxes, len(references), height, width)
 
-    def prepare_identities(self, references: Sequence[Any], *, need_crop: bool) -> list[Reference]:
+    def prepare_identities(self, references: Sequence[Any], *, need_crop: bool,
+                           reference_face: str = "score") -> list[Reference]:
         """References → :class:`Reference` records (ArcFace vector + face crop), in order."""
         dim = int(getattr(self.adapter.config, "arcface_dim", 512))
         photos = any(not isinstance(r, Reference) and not _is_vector(r) for r in references)
@@ -178,7 +213,8 @@ class WithAnyonePipeline(FluxPipeline):
         if photos:
             analyzer = self.face_analyzer()
             check_analyzer(analyzer, dim)
-        return prepare_references(list(references), analyzer, need_crop=need_crop, dim=dim)
+        return prepare_references(list(references), analyzer, need_crop=need_crop, dim=dim,
+                                  reference_face=reference_face)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -188,7 +224,9 @@ class WithAnyonePipeline(FluxPipeline):
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  seed: int | None = None, output_type: str = "pil", return_dict: bool = True,
-                 step_callback: Callable[[int, int], None] | None = None, **flux_kwargs: Any):
+                 step_callback: Callable[[int, int], None] | None = None, timestep_shift: str = "release",
+                 noise: str = "release", reference_face: str = "score", use_matting: bool = False,
+                 **flux_kwargs: Any):
         """Generate images of ``prompt`` showing the ``references`` in ``boxes``.
 
         Args:
@@ -203,11 +241,25 @@ class WithAnyonePipeline(FluxPipeline):
             height, width: output size in pixels (multiples of 16; default 1024).
             num_inference_steps, guidance_scale: sampler steps and FLUX-dev distilled guidance.
             num_images_per_prompt: images per prompt (all with the same people and boxes).
-            generator, seed: randomness; ``seed`` builds a CPU generator; with neither, a seed is drawn and
-                returned in the output so the image can be reproduced.
+            generator, seed: randomness; with neither, a seed is drawn and returned in the output so the
+                image can be reproduced. ``seed`` builds the generator ``noise`` asks for.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             step_callback: ``f(step, total)`` after each denoising step (progress bars).
-            **flux_kwargs: passed to ``FluxPipeline.__call__`` (``prompt_embeds``, ``latents``, ...).
+            timestep_shift: ``"release"`` (default): the release's inference time shift (μ from
+                ``(W//8)·(H//8)//256`` tokens, 0.4675 at 1024²); ``"flux"``: diffusers' FluxPipeline's (μ from the
+                ``(H/16)·(W/16)`` image tokens, 1.15 at 1024²). Custom ``sigmas=`` get the chosen shift too.
+            noise: ``"release"`` (default): the starting noise drawn as the release draws it, on the execution
+                device in the model dtype (``seed`` → ``torch.Generator(device)``), so a seed gives the release's
+                picture on CUDA; a given ``generator`` draws on its own device. ``"cpu"``: ``seed`` → a CPU
+                generator and FluxPipeline draws the noise (in the text encoder's dtype). On a CPU in float32
+                both give the same noise.
+            reference_face: which face of a reference photo is used: ``"score"`` (default, the release's: the
+                detector's highest-scoring face) or ``"largest"`` (better when a small background face scores
+                higher). Several faces in a photo give a warning.
+            use_matting: paste each reference crop onto black through a background-matting model before SigLIP
+                (the release's option; default off; model from ``set_matting``, default ``briaai/RMBG-2.0``).
+                Only acts when ``siglip_weight > 0``.
+            **flux_kwargs: passed to ``FluxPipeline.__call__`` (``prompt_embeds``, ``latents``, ``sigmas``, ...).
         """
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -216,10 +268,21 @@ class WithAnyonePipeline(FluxPipeline):
             raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {num_images_per_prompt!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer ≥ 1, got {num_inference_steps!r}")
+        for name, value, allowed in (("timestep_shift", timestep_shift, TIMESTEP_SHIFTS),
+                                     ("noise", noise, NOISE_MODES), ("reference_face", reference_face, REFERENCE_FACES)):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
+        if not isinstance(use_matting, bool):
+            raise ValueError(f"`use_matting` must be True or False, got {use_matting!r}")
+        sigmas = pipeline_sigmas(timestep_shift, height, width, num_inference_steps, self.scheduler,
+                                 flux_kwargs.pop("sigmas", None))
+        if sigmas is not None:
+            flux_kwargs["sigmas"] = sigmas
+        device = self._execution_device
         if generator is None:
             if seed is None:
                 seed = secrets.randbits(31)
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+            generator = torch.Generator(device if noise == "release" else "cpu").manual_seed(int(seed))
         elif seed is not None:
             raise ValueError("pass either `generator` or `seed`, not both")
 
@@ -228,6 +291,9 @@ class WithAnyonePipeline(FluxPipeline):
         else:
             batch = 1 if isinstance(prompt, str) else len(prompt)
         total = batch * num_images_per_prompt
+        if noise == "release" and flux_kwargs.get("latents") is None:
+            flux_kwargs["latents"] = release_latents(total, self.transformer.config.in_channels // 4, height, width,
+                                                     generator, device, self.transformer.dtype)
 
         callback = flux_kwargs.pop("callback_on_step_end", None)
         if step_callback is not None:
@@ -247,10 +313,9 @@ class WithAnyonePipeline(FluxPipeline):
             result = WithAnyonePipelineOutput(out.images, [], None, None, seed, [])
             return result if return_dict else (result.images,)
 
-        refs = self.prepare_identities(references, need_crop=siglip_weight > 0)
+        refs = self.prepare_identities(references, need_crop=siglip_weight > 0, reference_face=reference_face)
         used_boxes = resolve_boxes(boxes, len(refs), height, width,
                                    analyzer=None if _is_box_list(boxes) else _Lazy(self.face_analyzer))
-        device = self._execution_device
         dtype = next(self.adapter.parameters()).dtype
         arcface = torch.from_numpy(np.stack([r.arcface for r in refs]))  # [N, 512]
         siglip = None
@@ -259,7 +324,15 @@ class WithAnyonePipeline(FluxPipeline):
             model_device = next(model.parameters()).device
             if model_device != device:
                 model.to(device)
-            siglip = encode_siglip([r.crop for r in refs], model, processor).float().cpu()  # [N, T, D]
+            crops = [r.crop for r in refs]
+            if use_matting:
+                matter = self.load_matting()
+                matter_home = next(matter.parameters()).device
+                matter.to(device)
+                crops = [matte_crop(c, matter) for c in crops]
+                if self._is_offloading():
+                    matter.to(matter_home)
+            siglip = encode_siglip(crops, model, processor).float().cpu()  # [N, T, D]
             if self._is_offloading():
                 model.to("cpu")
 

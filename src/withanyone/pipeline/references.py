@@ -2,9 +2,10 @@
 
 A reference is a photo (path, bytes, PIL image, ``HxWx3`` array), a precomputed ArcFace embedding
 (1-D array/tensor, or a ``.npy`` file holding one), a :class:`~withanyone.faces.Face` carrying an
-embedding, or a ready :class:`Reference`. Photos go through the face analyzer (its largest face); the
-SigLIP crop is the square around the detected box (the shorter side grown to the longer, clipped to the
-photo), resized to 512 × 512, as in the release.
+embedding, or a ready :class:`Reference`. Photos go through the face analyzer; as in the release, the face
+used is the detector's highest-scoring one (``reference_face="largest"``: the largest), and the SigLIP crop
+is the square around the detector's *raw* box (the shorter side grown to the longer, then clipped to the
+photo, so a face cut by the border keeps its centre), resized to 512 × 512.
 
 ArcFace vectors are passed *unnormalised* when the backend recorded the raw norm (``Face.extra
 ["embedding_norm"]``): the release feeds insightface's raw ``face.embedding`` to the adapter's MLP, which is
@@ -14,6 +15,7 @@ not scale-invariant.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ CROP_SIZE = 512
 ARCFACE_DIM = 512
 #: dlib's ResNet face descriptor length, refused with an explanation.
 DLIB_DIM = 128
+#: Which face of a reference photo is used: the release's (highest detector score) or the largest.
+REFERENCE_FACES = ("score", "largest")
 
 
 class ReferenceError(ValueError):
@@ -57,8 +61,9 @@ class Reference:
 
 
 def square_crop(image: np.ndarray, bbox: Sequence[float], size: int = CROP_SIZE) -> np.ndarray:
-    """The square around ``bbox`` (shorter side grown symmetrically), clipped to the image, resized to
-    ``size`` × ``size`` with Lanczos (RGB uint8)."""
+    """The square around ``bbox`` (coordinates truncated to int, shorter side grown symmetrically), *then*
+    clipped to the image, resized to ``size`` × ``size`` with Lanczos (RGB uint8) — the release's crop when
+    ``bbox`` is the detector's raw box (see :func:`raw_box`)."""
     from PIL import Image
 
     x1, y1, x2, y2 = (int(v) for v in bbox)
@@ -129,9 +134,26 @@ def _needs_analyzer(ref: Any) -> bool:
     return not (isinstance(ref, (str, os.PathLike)) and str(ref).endswith(".npy"))
 
 
+def choose_face(faces: Sequence[Any], reference_face: str = "score") -> Any:
+    """The face of a reference photo to use: ``"score"`` — the highest detector score (the release takes the
+    detector's first face, its best-scoring one); ``"largest"`` — the largest box. Ties keep the first."""
+    if reference_face not in REFERENCE_FACES:
+        raise ValueError(f"`reference_face` must be one of {', '.join(REFERENCE_FACES)}, got {reference_face!r}")
+    if reference_face == "largest":
+        return max(faces, key=lambda f: f.area)
+    return max(faces, key=lambda f: f.score)
+
+
+def raw_box(face: Any) -> np.ndarray:
+    """The detector's unclipped box (``Face.extra["raw_bbox"]`` when the backend recorded it, else ``bbox``)."""
+    extra = getattr(face, "extra", None) or {}
+    return np.asarray(extra.get("raw_bbox", face.bbox), dtype=np.float32)
+
+
 def prepare_reference(ref: Any, analyzer: Any = None, *, need_crop: bool = False, dim: int = ARCFACE_DIM,
-                      index: int = 0) -> Reference:
-    """Turn one reference (see the module docstring) into a :class:`Reference`; errors name it."""
+                      index: int = 0, reference_face: str = "score") -> Reference:
+    """Turn one reference (see the module docstring) into a :class:`Reference`; errors name it. A photo holding
+    several faces gives a warning naming the face used (``reference_face``: ``"score"`` or ``"largest"``)."""
     from ..faces.image import describe_source, load_image
     from ..faces.types import Face
 
@@ -172,18 +194,28 @@ def prepare_reference(ref: Any, analyzer: Any = None, *, need_crop: bool = False
     faces = analyzer.detect(image)
     if not faces:
         raise FaceCountError(f"{what}: no face found in {name}; use a photo where the face is clearly visible")
-    face = faces[0]  # largest first
+    face = choose_face(faces, reference_face)
+    if len(faces) > 1:
+        other = "largest" if reference_face == "score" else "score"
+        x1, y1, x2, y2 = (int(round(float(v))) for v in face.bbox)
+        warnings.warn(f"{what}: {name} holds {len(faces)} faces; using the one at ({x1}, {y1}, {x2}, {y2}) "
+                      f"(reference_face={reference_face!r}, score {face.score:.2f}, {face.width:.0f}x"
+                      f"{face.height:.0f} px). Crop the photo to one person or try reference_face={other!r}.",
+                      UserWarning, stacklevel=3)
     vec = _check_dim(face_arcface(face), f"{what} ({name})", dim)
-    crop = square_crop(image, face.bbox) if need_crop else None
+    crop = square_crop(image, raw_box(face)) if need_crop else None
     return Reference(vec, crop, source=name, bbox=face.bbox)
 
 
 def prepare_references(refs: Sequence[Any], analyzer: Any = None, *, need_crop: bool = False,
-                       dim: int = ARCFACE_DIM) -> list[Reference]:
+                       dim: int = ARCFACE_DIM, reference_face: str = "score") -> list[Reference]:
     """:func:`prepare_reference` for each, in order; photos need an ArcFace-space analyzer."""
+    if reference_face not in REFERENCE_FACES:
+        raise ValueError(f"`reference_face` must be one of {', '.join(REFERENCE_FACES)}, got {reference_face!r}")
     if analyzer is not None and any(_needs_analyzer(r) for r in refs):
         check_analyzer(analyzer, dim)
-    return [prepare_reference(r, analyzer, need_crop=need_crop, dim=dim, index=i) for i, r in enumerate(refs)]
+    return [prepare_reference(r, analyzer, need_crop=need_crop, dim=dim, index=i, reference_face=reference_face)
+            for i, r in enumerate(refs)]
 
 
 def encode_siglip(crops: Sequence[np.ndarray], model: Any, processor: Any) -> Any:

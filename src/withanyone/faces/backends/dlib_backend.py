@@ -94,6 +94,7 @@ class DlibBackend(FaceBackend):
         for rect, score in self._raw_detect(np.ascontiguousarray(small)):
             box = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], np.float64) / scale
             h, w = image.shape[:2]
+            raw = box.astype(np.float32)  # unclipped (may reach past the photo), as the release squares it
             box = np.clip(box, 0, [w, h, w, h])
             if box[2] - box[0] < 2 or box[3] - box[1] < 2:
                 continue
@@ -104,7 +105,7 @@ class DlibBackend(FaceBackend):
             m = estimate_similarity(dlib5, DLIB5_IN_ARCFACE_FRAME)
             arc5 = apply_affine(invert_affine(m), ARCFACE_TEMPLATE)
             faces.append(Face(bbox=box, score=float(score), landmarks=arc5, backend=self.name,
-                              extra={"shape": shape, "dlib5": dlib5}))
+                              extra={"shape": shape, "dlib5": dlib5, "raw_bbox": raw}))
         faces.sort(key=lambda f: -f.area)
         if embed:
             self.embed(image, faces)

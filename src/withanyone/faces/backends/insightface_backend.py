@@ -81,11 +81,13 @@ class InsightFaceBackend(FaceBackend):
         boxes, scores, kps = self.detector.detect(image)
         h, w = image.shape[:2]
         faces = []
-        for box, score, pts in zip(boxes, scores, kps, strict=True):
-            box = np.clip(box, 0, [w, h, w, h])
+        for raw, score, pts in zip(boxes, scores, kps, strict=True):
+            box = np.clip(raw, 0, [w, h, w, h])
             if box[2] - box[0] < 1 or box[3] - box[1] < 1:
                 continue
-            faces.append(Face(bbox=box, score=float(score), landmarks=pts, backend=self.name))
+            # the unclipped box (it may reach past the photo): the release squares it before clipping
+            faces.append(Face(bbox=box, score=float(score), landmarks=pts, backend=self.name,
+                              extra={"raw_bbox": np.asarray(raw, np.float32)}))
         faces.sort(key=lambda f: -f.area)
         if embed:
             self.embed(image, faces)
