@@ -23,6 +23,7 @@ class AestheticScorer:
                  offline: bool | None = None):
         self.available = False
         self.reason: str | None = None
+        self.model_name = f"{model}::{head}"  # part of each row's input fingerprint
         if head is None:
             self.reason = "no aesthetic head given (a safetensors file with scoring_head.* keys)"
             return
