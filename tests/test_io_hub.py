@@ -61,3 +61,26 @@ def test_hub_offline_honours_env_and_probes_once_fast(monkeypatch):
         assert hub.offline_reason() == "the hub (127.0.0.1:9) is unreachable from this machine"
     finally:
         hub._reset()
+
+
+def test_pipeline_loader_fails_fast_without_network(monkeypatch, tmp_path):
+    """``generate``'s loader asks only the local cache once the probe finds no hub (it retried for ~23 s)."""
+    import huggingface_hub.constants
+
+    from withanyone.errors import ModelNotFoundError
+    from withanyone.pipeline.loading import check_base
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub._reset()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(ModelNotFoundError, match=r"model_index\.json of hub repo black-forest-labs/FLUX\.1-dev "
+                                                     r"is not in the local cache and the hub \(127\.0\.0\.1:9\) is "
+                                                     r"unreachable from this machine"):
+            check_base("black-forest-labs/FLUX.1-dev")
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        hub._reset()
