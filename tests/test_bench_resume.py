@@ -88,6 +88,14 @@ def test_cli_says_how_many_rows_were_rescored_and_why(tmp_path, samples_dir):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "1 rows rescored because their inputs changed (output image changed: 1)" in r.output
+    # the paper's ArcFace-scale points are never drawn on dlib axes
+    _one_line_error(CliRunner().invoke(app, ["bench", "report", str(out), "--paper-points"]),
+                    "--paper-points", "dlib only")
+    from withanyone.bench.report import paper_point_models, summarize
+
+    assert paper_point_models(summarize(out)) == []
+    assert paper_point_models({"face_models": [{"name": "dlib", "backend": "dlib"},
+                                               {"name": "arc", "backend": "insightface"}]}) == ["arc"]
 
 
 def _one_line_error(r, *needles: str) -> str:

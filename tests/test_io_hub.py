@@ -84,3 +84,15 @@ def test_pipeline_loader_fails_fast_without_network(monkeypatch, tmp_path):
         assert time.perf_counter() - t0 < 1.0
     finally:
         hub._reset()
+
+
+def test_safetensors_checkpoints_honour_the_umask(tmp_path):
+    torch = pytest.importorskip("torch")
+    from withanyone.model.checkpoint import save_state_dict
+
+    old = os.umask(0o022)
+    try:
+        p = save_state_dict({"w": torch.zeros(2)}, tmp_path / "adapter.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
