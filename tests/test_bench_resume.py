@@ -126,6 +126,13 @@ def test_bench_cli_errors_are_one_line(tmp_path, samples_dir):
     _one_line_error(runner.invoke(app, [*base, "--paper-points", "--out", str(tmp_path / "o4")]),
                     "--paper-points", "dlib")
     assert not (tmp_path / "o4").exists()  # refused before any scoring
+    _one_line_error(runner.invoke(app, [*base, "-f", "mediapipe", "--out", str(tmp_path / "o5")]),
+                    "-f mediapipe: unknown face backend")
+    _one_line_error(runner.invoke(app, [*base, "-f", "dlib:gate", "--out", str(tmp_path / "o5")]),
+                    "-f dlib:gate", "not key=value")
+    pack = tmp_path / "no-pack"
+    _one_line_error(runner.invoke(app, [*base, "-f", f"insightface:pack={pack}", "--out", str(tmp_path / "o6")]),
+                    f"insightface model pack '{pack}' not found", "(no such folder)")
     _one_line_error(runner.invoke(app, ["bench", "convert", str(root / "s_obama" / "meta.json"), "--out",
                                         str(afile)]), "is a file, not a folder")
 

@@ -16,7 +16,9 @@ def fail(message: str) -> NoReturn:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "red"), message))
+    from ..errors import one_line
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "red"), one_line(message)))
     raise typer.Exit(1)
 
 
@@ -27,6 +29,20 @@ def _check_out(out: Path) -> None:
 
 def _is_arcface_spec(spec: str) -> bool:
     return spec.partition(":")[0].strip() != "dlib"
+
+
+def _check_face_models(specs: list[str]) -> None:
+    """Refuse a malformed ``-f`` spec or an unknown backend before anything loads."""
+    from ..faces.analyzer import BACKENDS
+    from .runner import FaceModelSpec
+
+    for text in specs:
+        try:
+            spec = FaceModelSpec.parse(text)
+        except ValueError as exc:
+            fail(f"-f {text}: {exc}")
+        if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
+            fail(f"-f {text}: unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @app.command("run")
@@ -66,6 +82,7 @@ def run_command(
 
     console = Console(stderr=True)
     _check_out(out)
+    _check_face_models(face_model)
     if paper_points and not any(_is_arcface_spec(f) for f in face_model):
         fail("--paper-points: the paper's points are ArcFace (buffalo_l) cosines and this run scores with dlib "
              "only, whose cosines are another scale; add an ArcFace face model (-f insightface:...) or drop it")

@@ -155,7 +155,7 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
 
 def check_backend(spec: dict) -> None:
     """Fail before Ray starts when the face backend is unknown or its model pack cannot be found."""
-    from ..errors import ModelNotFoundError
+    from ..errors import ModelNotFoundError, one_line
     from ..faces.analyzer import BACKENDS
     from .errors import DatasetError
 
@@ -172,15 +172,6 @@ def check_backend(spec: dict) -> None:
         find_pack(pack, hub=not hub_offline())
     except ModelNotFoundError as exc:
         raise DatasetError(f"--backend {name}: {one_line(str(exc))}") from exc
-
-
-def one_line(text: str) -> str:
-    """A multi-line message (a head, ``- item`` lines, more text) as one line: items joined by '; '."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    items = [ln[2:] for ln in lines if ln.startswith("- ")]
-    rest = [ln for ln in lines if not ln.startswith("- ")]
-    head = rest[0] if rest else ""
-    return " ".join(filter(None, [head, "; ".join(items) + "." if items else "", *rest[1:]]))
 
 
 def _changed_inputs(work: Path, items: list[InputItem], content: list[str | None]) -> list[str]:
