@@ -27,6 +27,12 @@ class AestheticScorer:
         if head is None:
             self.reason = "no aesthetic head given (a safetensors file with scoring_head.* keys)"
             return
+        from .clip_metrics import unavailable_offline
+
+        missing = unavailable_offline(model, offline)
+        if missing:
+            self.reason = f"SigLIP weights {model!r} {missing}"
+            return
         try:
             import torch
             from safetensors.torch import load_file

@@ -47,6 +47,29 @@ def first_sentence(text: str, limit: int = 240) -> str:
     return cut[:cut.rfind(" ")].rstrip(",;:") + " …" if " " in cut else cut + " …"
 
 
+def unavailable_offline(model: str, offline: bool | None = None) -> str | None:
+    """Why ``model``'s weights cannot load, known before torch/transformers are imported (seconds saved):
+    a path that does not exist, or a hub id missing from the local cache while offline. None = try to load."""
+    from ..hub import hub_offline, offline_reason
+
+    if Path(model).expanduser().exists():
+        return None
+    if _looks_local(model):
+        return f"were not found: {model} is no such file or folder"
+    if not hub_offline(offline):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an id the hub library rejects: let the loader say why
+        return None
+    if isinstance(cached, str):
+        return None
+    return (f"are not in the local Hugging Face cache and {offline_reason(offline)}, so no download was tried; "
+            "pass a local folder, or '' to skip this metric")
+
+
 def _why(model: str, offline: bool | None, exc: Exception) -> str:
     """Why weights did not load, as a whole sentence (it goes to the console and report.md)."""
     from ..hub import hub_offline, offline_reason
@@ -70,6 +93,10 @@ class ClipScorer:
         self.available = False
         self.reason: str | None = None
         self._gt_cache: dict[str, np.ndarray] = {}
+        missing = unavailable_offline(model, offline)
+        if missing:
+            self.reason = f"CLIP weights {model!r} {missing}"
+            return
         try:
             import torch  # noqa: F401
             from transformers import CLIPModel, CLIPProcessor
