@@ -70,7 +70,9 @@ def test_cli_run_with_method_folders_and_report(samples_dir, tmp_path):
     assert [(r["sample"], r["method"], r["status"]) for r in rows] == [("biden", "mine", "ok"), ("obama", "mine", "ok")]
     assert all(r["cp"] == pytest.approx(-1.0) for r in rows)
     (tmp_path / "res" / "report.html").unlink()
-    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--paper-points"])
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--paper-points"])  # dlib only: refused
+    assert res.exit_code == 1 and "another scale" in res.output and not (tmp_path / "res" / "report.html").exists()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res")])
     assert res.exit_code == 0 and (tmp_path / "res" / "report.html").is_file()
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert res.exit_code != 0

@@ -103,7 +103,7 @@ def test_hub_reader_via_datasets_library(tmp_path, samples_dir):
 
     datasets.load_dataset = spy
     try:
-        bench = read_hub("WithAnyone/MultiID-Bench", cache_dir=tmp_path / "cache", progress=False)
+        bench = read_hub("WithAnyone/MultiID-Bench", cache_dir=tmp_path / "cache", progress=False, offline=False)
     finally:
         datasets.load_dataset = orig
     assert ds_rows == ["WithAnyone/MultiID-Bench"]

@@ -262,8 +262,39 @@ def test_cli_builds_from_a_webdataset_tar_input(ray_session, samples_dir, tmp_pa
     rep = json.loads((out / "report.json").read_text())
     assert [c["source"] for c in rep["corrupt_inputs"]] == [f"{tar}#zz.jpg"]
     r = runner.invoke(app, ["build-dataset", "--input", str(tmp_path / "missing"), "--out", str(out)])
-    assert r.exit_code == 2 and "no such file" in " ".join(r.output.split())
+    assert r.exit_code == 1 and "no such file" in " ".join(r.output.split())
     r = runner.invoke(app, ["build-dataset", "--input", str(tar), "--out", str(out), "--unit-size", "5",
                             "--no-progress"])
     msg = " ".join(r.output.split())
-    assert r.exit_code == 2 and "settings differ (unit_size)" in msg and "--overwrite" in msg
+    assert r.exit_code == 1 and "settings differ (unit_size)" in msg and "--overwrite" in msg
+
+
+def test_photo_replaced_under_the_same_name_is_reprocessed(ray_session, shared_faces, tmp_path):
+    """Inputs are fingerprinted by content: a replaced photo is redone (its unit only), a touched one is not."""
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    for person, n in (("obama", 3), ("biden", 2)):
+        (src / person).mkdir(parents=True)
+        for k in range(1, n + 1):
+            shutil.copyfile(shared_faces / person / f"{k}.jpg", src / person / f"{k}.jpg")
+    out = tmp_path / "out"
+    build_dataset([src], out, workers=1, unit_size=2, progress=False)  # units: biden 1-2 | obama 1-2 | obama 3
+    manifest = out / "_work" / "faces.manifest.jsonl"
+    lines = manifest.read_text().count("\n")
+    victim = src / "obama" / "3.jpg"
+    old = {s.url: s.image_bytes for s in iter_samples(out / "train_rec")}[str(victim)]
+
+    later = time.time() + 10
+    os.utime(victim, (later, later))  # touched, same bytes: the hash confirms nothing changed
+    res = build_dataset([src], out, workers=1, unit_size=2, progress=False)
+    assert manifest.read_text().count("\n") == lines and res.report["inputs_changed"] == []
+
+    Image.open(victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim, quality=90)  # same name, new photo
+    res = build_dataset([src], out, workers=1, unit_size=2, progress=False)
+    assert res.report["inputs_changed"] == [str(victim)]
+    redone = [json.loads(ln) for ln in manifest.read_text().splitlines()[lines:]]
+    assert [r["unit"] for r in redone] == [2]  # only the unit holding the replaced photo
+    new = {s.url: s for s in iter_samples(out / "train_rec")}[str(victim)]
+    assert new.image_bytes == victim.read_bytes() != old
+    assert new.names == ["obama"]

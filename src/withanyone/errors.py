@@ -22,3 +22,12 @@ class ModelNotFoundError(WithAnyoneError, FileNotFoundError):
 
 class FaceCountError(WithAnyoneError, ValueError):
     """An image holds a number of faces other than the one required."""
+
+
+def one_line(text: str) -> str:
+    """A multi-line message (a head, ``- item`` lines, more text) as one line, the items joined by '; '."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    items = [ln[2:] for ln in lines if ln.startswith("- ")]
+    rest = [ln for ln in lines if not ln.startswith("- ")]
+    head = rest[0] if rest else ""
+    return " ".join(filter(None, [head, "; ".join(items) + "." if items else "", *rest[1:]]))

@@ -23,8 +23,15 @@ class AestheticScorer:
                  offline: bool | None = None):
         self.available = False
         self.reason: str | None = None
+        self.model_name = f"{model}::{head}"  # part of each row's input fingerprint
         if head is None:
             self.reason = "no aesthetic head given (a safetensors file with scoring_head.* keys)"
+            return
+        from .clip_metrics import unavailable_offline
+
+        missing = unavailable_offline(model, offline)
+        if missing:
+            self.reason = f"SigLIP weights {model!r} {missing}"
             return
         try:
             import torch

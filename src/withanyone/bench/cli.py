@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 app = typer.Typer(help="MultiID-Bench: identity fidelity and copy-paste, offline, with reports.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on one line (no wrapping, no markup) to stderr and exit 1."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from ..errors import one_line
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "red"), one_line(message)))
+    raise typer.Exit(1)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder (results need a folder)")
+
+
+def _is_arcface_spec(spec: str) -> bool:
+    return spec.partition(":")[0].strip() != "dlib"
+
+
+def _check_face_models(specs: list[str]) -> None:
+    """Refuse a malformed ``-f`` spec or an unknown backend before anything loads."""
+    from ..faces.analyzer import BACKENDS
+    from .runner import FaceModelSpec
+
+    for text in specs:
+        try:
+            spec = FaceModelSpec.parse(text)
+        except ValueError as exc:
+            fail(f"-f {text}: {exc}")
+        if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
+            fail(f"-f {text}: unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @app.command("run")
@@ -28,38 +63,58 @@ def run_command(
                              help="CLIP model for CLIP-I/CLIP-T and the Fréchet distance (hub id or folder); "
                                   "'' = skip."),
     offline: bool = typer.Option(False, help="Load model weights only from local folders / the local hub "
-                                             "cache (also when HF_HUB_OFFLINE=1)."),
+                                             "cache (also when HF_HUB_OFFLINE=1 or the hub is unreachable)."),
     aesthetic: str = typer.Option("", help="Aesthetic predictor: SIGLIP_MODEL::HEAD.safetensors; empty = off."),
-    paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot."),
+    paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot (ArcFace-scale "
+                                                  "face models only)."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
     workers: int = typer.Option(1, help="Processes for face detection (each loads the face model once)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Score methods on a benchmark and write results.jsonl, summary.json, report.md and report.html."""
     from rich.console import Console
+    from rich.markup import escape
 
+    from ..errors import WithAnyoneError
     from .readers import read_folder_layout, read_hub, read_method_outputs
     from .report import write_reports
     from .runner import run_benchmark
 
     console = Console(stderr=True)
-    src = Path(bench)
+    _check_out(out)
+    _check_face_models(face_model)
+    if paper_points and not any(_is_arcface_spec(f) for f in face_model):
+        fail("--paper-points: the paper's points are ArcFace (buffalo_l) cosines and this run scores with dlib "
+             "only, whose cosines are another scale; add an ArcFace face model (-f insightface:...) or drop it")
     methods = []
-    if src.is_dir() and not any(src.glob("*.parquet")):
-        b, own = read_folder_layout(src, output_name=output_name, caption_key=caption_key,
-                                    method=own_method or None)
-        if own is not None:
-            methods.append(own)
-    else:
-        b = read_hub(bench, split=split, progress=progress)
-    ids = [s.id for s in b]
-    for spec in method:
-        name, sep, folder = spec.partition("=")
-        if not sep:
-            folder, name = name, Path(name).name
-        methods.append(read_method_outputs(folder, name, output_name=output_name, sample_ids=ids))
+    try:
+        src = Path(bench).expanduser()
+        if src.is_dir() and not any(src.glob("*.parquet")):
+            b, own = read_folder_layout(src, output_name=output_name, caption_key=caption_key,
+                                        method=own_method or None)
+            if own is not None:
+                methods.append(own)
+        else:
+            b = read_hub(bench, split=split, progress=progress, offline=offline or None)
+        ids = [s.id for s in b]
+        for spec in method:
+            name, sep, folder = spec.partition("=")
+            if not sep:
+                folder, name = name, Path(name).name
+            methods.append(read_method_outputs(folder, name, output_name=output_name, sample_ids=ids))
+    except WithAnyoneError as exc:
+        fail(str(exc))
+    names = [m.name for m in methods]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        fail(f"method name {', '.join(dup)} given more than once (-m NAME=FOLDER; the benchmark folder's own "
+             "outputs use --own-method); give each method its own name")
     if not methods:
-        raise typer.BadParameter("no method outputs: pass --method NAME=FOLDER or keep out.jpg in sample folders")
+        fail("no method outputs: pass --method NAME=FOLDER or keep out.jpg in sample folders")
+    for s in b:
+        if s.meta.get("_meta_error"):
+            console.print(f"[yellow]warning:[/] {escape(str(s.meta['_meta_error']))} (sample kept without it)",
+                          soft_wrap=True)
     image_metrics = []
     if clip:
         from .clip_metrics import ClipScorer
@@ -72,13 +127,20 @@ def run_command(
         image_metrics.append(AestheticScorer(model, head or None, offline=offline or None))
     for im in image_metrics:
         if not im.available:
-            console.print(f"[yellow]{im.name}: not computed: {im.reason}[/]")
-    stats = run_benchmark(b, methods, out, face_models=face_model, image_metrics=image_metrics, progress=progress,
-                          workers=workers)
+            console.print(f"[yellow]{im.name}: not computed: {escape(str(im.reason))}[/]", soft_wrap=True)
+    try:
+        stats = run_benchmark(b, methods, out, face_models=face_model, image_metrics=image_metrics,
+                              progress=progress, workers=workers)
+    except WithAnyoneError as exc:
+        fail(str(exc))
     summary = write_reports(out, paper_points=paper_points)
     console.print(f"{len(b)} samples × {len(methods)} methods × {len(face_model)} face models: "
                   f"{stats.rows_written} rows scored, {stats.rows_skipped} reused, {stats.seconds:.1f} s; "
                   f"model calls {stats.calls}")
+    if stats.rows_rescored:
+        why = ", ".join(f"{k}: {v}" for k, v in stats.rescore_reasons.items())
+        console.print(f"[yellow]{stats.rows_rescored} rows rescored because their inputs changed[/] ({why})",
+                      soft_wrap=True)
     console.print(f"{len(summary['failures'])} failures, problems {summary['problem_counts']}")
     console.print(f"report: {out / 'report.html'}")
 
@@ -89,25 +151,45 @@ def convert_command(
     out: Path = typer.Option(Path("multiid-bench"), "--out", "-o", help="Folder to write the layout into."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
     caption_key: str = typer.Option("prompt", help="Key to store the prompt under in meta.json."),
+    offline: bool = typer.Option(False, help="Never ask the hub (also when HF_HUB_OFFLINE=1 or it is "
+                                             "unreachable): SOURCE must be a local file or folder."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Convert the hub parquet benchmark to the authors' per-sample folder layout."""
+    from ..errors import WithAnyoneError
     from .readers import convert_hub
 
-    b = convert_hub(source, out, split=split, progress=progress, caption_key=caption_key)
+    _check_out(out)
+    try:
+        b = convert_hub(source, out, split=split, progress=progress, caption_key=caption_key,
+                        offline=offline or None)
+    except WithAnyoneError as exc:
+        fail(str(exc))
     typer.echo(f"{len(b)} samples {b.subsets()} → {out}")
 
 
 @app.command("report")
 def report_command(
     out: Path = typer.Argument(..., help="A results folder written by `withanyone bench run`."),
-    paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot."),
+    paper_points: bool = typer.Option(False, help="Add the paper's published p1 points to the plot (ArcFace-scale "
+                                                  "face models only)."),
     gallery: int = typer.Option(200, help="Samples shown in the HTML gallery (0 = none)."),
 ) -> None:
     """Rebuild summary.json, report.md and report.html from results.jsonl."""
+    import json
+
     from .report import write_reports
 
     if not (out / "results.jsonl").is_file():
-        raise typer.BadParameter(f"{out}/results.jsonl not found")
+        fail(f"{out}/results.jsonl not found (not a results folder of `withanyone bench run`)")
+    if paper_points:
+        try:
+            cfg = json.loads((out / "run.json").read_text())
+            backends = [f.get("backend") for f in cfg.get("face_models", [])]
+        except (OSError, ValueError, AttributeError):
+            backends = []
+        if backends and all(b == "dlib" for b in backends):
+            fail(f"--paper-points: the paper's points are ArcFace (buffalo_l) cosines and {out} was scored with "
+                 "dlib only, whose cosines are another scale")
     summary = write_reports(out, paper_points=paper_points, gallery=gallery > 0, max_gallery=gallery)
     typer.echo(f"{summary['rows']} rows → {out / 'report.html'}")

@@ -7,7 +7,6 @@ If torch/transformers are missing or the weights cannot be loaded offline, ``ava
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,71 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
 def load_pretrained(cls: Any, name: str, offline: bool | None = None, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(name)``: a local folder or the local hub cache first, then (unless ``offline``
-    or ``HF_HUB_OFFLINE`` is set) one download try — which can take a minute to fail without network."""
+    """``cls.from_pretrained(name)``: a local folder or the local hub cache first, then one download try —
+    skipped at once when offline (``offline``, ``HF_HUB_OFFLINE`` or no network, see :mod:`withanyone.hub`)."""
+    from ..hub import hub_offline
+
     if Path(name).is_dir():
         return cls.from_pretrained(name, **kwargs)
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except Exception:
-        if offline:
+        if hub_offline(offline) or _looks_local(name):
             raise
         return cls.from_pretrained(name, **kwargs)
 
 
+def _looks_local(name: str) -> bool:
+    """True when ``name`` reads as a path rather than a hub id ``owner/model``."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def first_sentence(text: str, limit: int = 240) -> str:
+    """The first line of ``text``, shortened at a sentence or word boundary (never mid-word) to ``limit``."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    if len(line) <= limit:
+        return line
+    cut = line[:limit]
+    end = cut.rfind(". ")
+    if end > limit // 3:
+        return cut[:end + 1]
+    return cut[:cut.rfind(" ")].rstrip(",;:") + " …" if " " in cut else cut + " …"
+
+
+def unavailable_offline(model: str, offline: bool | None = None) -> str | None:
+    """Why ``model``'s weights cannot load, known before torch/transformers are imported (seconds saved):
+    a path that does not exist, or a hub id missing from the local cache while offline. None = try to load."""
+    from ..hub import hub_offline, offline_reason
+
+    if Path(model).expanduser().exists():
+        return None
+    if _looks_local(model):
+        return f"were not found: {model} is no such file or folder"
+    if not hub_offline(offline):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an id the hub library rejects: let the loader say why
+        return None
+    if isinstance(cached, str):
+        return None
+    return (f"are not in the local Hugging Face cache and {offline_reason(offline)}, so no download was tried; "
+            "pass a local folder, or '' to skip this metric")
+
+
 def _why(model: str, offline: bool | None, exc: Exception) -> str:
-    """Why weights did not load, in a few words."""
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline and not Path(model).exists():
-        return "are not in the local Hugging Face cache (offline: no download tried)"
-    return f"could not be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+    """Why weights did not load, as a whole sentence (it goes to the console and report.md)."""
+    from ..hub import hub_offline, offline_reason
+
+    if not Path(model).exists():
+        if _looks_local(model):
+            return f"were not found: {model} is no such file or folder"
+        if hub_offline(offline):
+            return (f"are not in the local Hugging Face cache and {offline_reason(offline)}, so no download was "
+                    "tried; pass a local folder, or '' to skip this metric")
+    return f"could not be loaded ({type(exc).__name__}: {first_sentence(str(exc))})"
 
 
 class ClipScorer:
@@ -50,6 +93,10 @@ class ClipScorer:
         self.available = False
         self.reason: str | None = None
         self._gt_cache: dict[str, np.ndarray] = {}
+        missing = unavailable_offline(model, offline)
+        if missing:
+            self.reason = f"CLIP weights {model!r} {missing}"
+            return
         try:
             import torch  # noqa: F401
             from transformers import CLIPModel, CLIPProcessor

@@ -166,9 +166,31 @@ def _safe_id(value: Any, index: int) -> str:
     return sid
 
 
-def _iter_hub_rows(source: str | Path, split: str) -> Iterator[dict[str, Any]]:
+def looks_like_path(text: str | Path) -> bool:
+    """True when ``text`` reads as a local path rather than a hub dataset id ``owner/name``."""
+    t = str(text)
+    return (isinstance(text, Path) or t.startswith((".", "/", "~")) or "\\" in t or t.count("/") != 1
+            or t.endswith("/") or Path(t).suffix.lower() in (".parquet", ".pq"))
+
+
+def check_source(source: str | Path, offline: bool | None = None) -> None:
+    """Fail at once, before any hub call, when ``source`` is no local file or folder and either reads as a
+    path or the hub must not be asked (``offline``, ``HF_HUB_OFFLINE`` or no network)."""
+    if Path(source).expanduser().exists():
+        return
+    if looks_like_path(source):
+        raise BenchmarkFormatError(source, "no such file or folder")
+    from ..hub import hub_offline, offline_reason
+
+    if hub_offline(offline):
+        raise BenchmarkFormatError(source, f"no such file or folder, and {offline_reason(offline)}, so it was "
+                                           "not looked up as a hub dataset")
+
+
+def _iter_hub_rows(source: str | Path, split: str, offline: bool | None = None) -> Iterator[dict[str, Any]]:
     """Rows of a local parquet file / folder (pyarrow) or a hub dataset id (``datasets``)."""
-    p = Path(source)
+    check_source(source, offline)
+    p = Path(source).expanduser()
     if p.exists():
         import pyarrow.parquet as pq
 
@@ -197,18 +219,20 @@ def _iter_hub_rows(source: str | Path, split: str) -> Iterator[dict[str, Any]]:
 
 
 def convert_hub(source: str | Path = HUB_ID, out_dir: str | Path = "multiid-bench", split: str = "train",
-                progress: bool = True, caption_key: str = "prompt") -> Benchmark:
+                progress: bool = True, caption_key: str = "prompt", offline: bool | None = None) -> Benchmark:
     """Write the hub dataset (hub id, local parquet file or folder) out as the authors' folder layout.
 
     Each row becomes ``<out>/<ID>/ori.jpg, ref_1..n.jpg, meta.json`` (prompt under ``caption_key``, bboxes,
     subset, num_persons, task_type). Existing complete sample folders are kept (the conversion resumes).
+    A source that is no local file or folder fails at once when it reads as a path or when offline.
     """
     from ..progress import track
 
+    check_source(source, offline)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    for index, row in enumerate(track(_iter_hub_rows(source, split), description="convert", enabled=progress)):
+    for index, row in enumerate(track(_iter_hub_rows(source, split, offline), description="convert", enabled=progress)):
         sid = _safe_id(row.get("ID", row.get("id")), index)
         folder = out_dir / sid
         meta_path = folder / "meta.json"
@@ -246,9 +270,17 @@ def convert_hub(source: str | Path = HUB_ID, out_dir: str | Path = "multiid-benc
 
 
 def read_hub(source: str | Path = HUB_ID, split: str = "train", cache_dir: str | Path | None = None,
-             progress: bool = True) -> Benchmark:
+             progress: bool = True, offline: bool | None = None) -> Benchmark:
     """The hub benchmark as a :class:`Benchmark`, converted once into ``cache_dir`` (default
-    ``~/.cache/withanyone/bench/<name>``) and read from there afterwards."""
+    ``~/.cache/withanyone/bench/<name>``) and read from there afterwards (offline: only from there)."""
     if cache_dir is None:
         cache_dir = Path.home() / ".cache" / "withanyone" / "bench" / _safe_id(str(source).replace("/", "--"), 0)
-    return convert_hub(source, cache_dir, split=split, progress=progress)
+    if not Path(source).expanduser().exists() and not looks_like_path(source) and Path(cache_dir).is_dir():
+        from ..hub import hub_offline
+
+        if hub_offline(offline):
+            try:
+                return read_folder_layout(cache_dir, output_name=None, name=str(source))[0]
+            except BenchmarkFormatError:
+                pass
+    return convert_hub(source, cache_dir, split=split, progress=progress, offline=offline)

@@ -135,7 +135,7 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
 
 def _reason_kind(text: str | None) -> str:
     t = (text or "").lower()
-    for key, kind in (("no output", "missing output"), ("no such file", "missing file"),
+    for key, kind in (("meta.json", "malformed meta.json"), ("no output", "missing output"), ("no such file", "missing file"),
                       ("unreadable", "unreadable image"), ("no face in output", "no face in output"),
                       ("no face in gt", "no face in GT"), ("has no face", "reference without face"),
                       ("face-count mismatch", "face-count mismatch"), ("no gt", "no GT image"),
@@ -426,13 +426,22 @@ def build_gallery(out_dir: Path, face_model: str, max_samples: int | None = 200)
     return list(by_sample.values())
 
 
+def paper_point_models(summary: dict[str, Any]) -> list[str]:
+    """Face models whose cosines share the paper's ArcFace scale (so its published points may be drawn on
+    their plots); dlib's 128-d cosines are compressed near 1 and are another scale."""
+    return [f["name"] for f in summary.get("face_models", []) if f.get("backend") != "dlib"]
+
+
 def write_reports(out_dir: str | Path, paper_points: bool = False, gallery: bool = True,
                   max_gallery: int | None = 200) -> dict[str, Any]:
-    """Write ``summary.json``, ``report.md``, ``report.html`` and ``tradeoff_<model>.png`` into ``out_dir``."""
+    """Write ``summary.json``, ``report.md``, ``report.html`` and ``tradeoff_<model>.png`` into ``out_dir``.
+
+    ``paper_points`` draws the paper's published points only on plots of ArcFace-scale face models."""
     out_dir = Path(out_dir)
     summary = summarize(out_dir)
     models = list(next(iter(summary["leaderboard"].values()), {}).keys())
-    plots = {fm: tradeoff_plot(summary, fm, paper_points) for fm in models}
+    arc = set(paper_point_models(summary))
+    plots = {fm: tradeoff_plot(summary, fm, paper_points and fm in arc) for fm in models}
     plot_files = {}
     for fm, png in plots.items():
         name = f"tradeoff_{fm}.png"

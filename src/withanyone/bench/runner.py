@@ -1,15 +1,19 @@
 """Resumable benchmark runner: score every (sample, method, face model) once, append results as JSONL.
 
 One row per sample × method × face model goes to ``<out>/results.jsonl`` the moment it is computed; a run
-started again over the same folder skips the rows already there, so a killed run continues and ends with
-the same numbers as an uninterrupted one. Faces come from the content-hash :class:`EmbeddingCache` kept in
+started again over the same folder reuses a row only when every input of it is unchanged — the content of
+the output image, the GT and the references, the sample's metadata, the face model and the metric settings
+(:func:`row_inputs`, stored in the row) — and rescores the others, saying why. So a killed run continues and
+ends with the same numbers as an uninterrupted one, and a regenerated output is never reported stale. Faces come from the content-hash :class:`EmbeddingCache` kept in
 ``<out>/cache/``. A sample that cannot be scored is recorded with its reason — the run never aborts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import append_jsonl, atomic_write_json, read_jsonl
+from ..io import FileDigests, append_jsonl, atomic_write_json, read_jsonl
 from .cache import REF_PAD, CachedFaces, EmbeddingCache, repair_jsonl
 from .metrics import PAPER_CP_GATE, score_faces
 from .samples import Benchmark, MethodOutputs, Sample
@@ -101,10 +105,13 @@ def load_face_models(specs: Sequence[str | FaceModelSpec], cache_dir: Path | Non
 
 @dataclass
 class RunStats:
-    """What a run did: rows written / skipped, model calls and cache use per face model, time."""
+    """What a run did: rows written / reused (skipped) / rescored because an input changed (and why), model
+    calls and cache use per face model, time."""
 
     rows_written: int = 0
     rows_skipped: int = 0
+    rows_rescored: int = 0
+    rescore_reasons: dict[str, int] = field(default_factory=dict)
     images_seen: int = 0
     seconds: float = 0.0
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -113,6 +120,46 @@ class RunStats:
 
 def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
     return str(row["sample"]), str(row["method"]), str(row["face_model"])
+
+
+#: Why a stored row is rescored, per input that changed (see :func:`row_inputs`).
+INPUT_CHANGES = {"output": "output image changed", "gt": "GT changed", "references": "references changed",
+                 "sample": "sample metadata changed", "face_model": "face model changed",
+                 "settings": "metric settings changed"}
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def metric_settings(model: FaceModel, image_metrics: Sequence[Any] = ()) -> str:
+    """Fingerprint of the settings a row's numbers depend on besides its images: the CP gate, the reference
+    padding and each image metric with its model (or that it was not computed)."""
+    return _short_hash({"gate": list(model.gate), "ref_pad": REF_PAD, "metrics": {
+        im.name: getattr(im, "model_name", None) if im.available else None for im in image_metrics}})
+
+
+def row_inputs(sample: Sample, method: MethodOutputs, model: FaceModel, digests: FileDigests,
+               settings: str) -> dict[str, Any]:
+    """Content fingerprints of every input of one row: output, GT and reference bytes (None = missing),
+    the sample's metadata, the face model (backend and options) and the metric ``settings``."""
+    path = method.outputs.get(sample.id)
+    return {
+        "output": digests.digest(path) if path is not None else None,
+        "gt": digests.digest(sample.gt) if sample.gt is not None else None,
+        "references": [digests.digest(r) for r in sample.references],
+        "sample": _short_hash({"prompt": sample.prompt, "num_persons": sample.num_persons,
+                               "subset": sample.subset}),
+        "face_model": model.cache.key,
+        "settings": settings,
+    }
+
+
+def changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why a stored row with inputs ``old`` is stale for ``new`` (empty when it can be reused)."""
+    if not isinstance(old, dict):
+        return ["no input fingerprint (row written by an older version)"]
+    return [INPUT_CHANGES.get(k, f"{k} changed") for k in new if old.get(k) != new[k]]
 
 
 def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -152,6 +199,8 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         "sim_gt": None, "sim_ref": None, "sim_gt_unmatched": None, "sim_ref_unmatched": None,
         "cp": None, "cp_faces": [], "cp_gate_pass": None, "count_mismatch": False,
     }
+    if sample.meta.get("_meta_error"):
+        row["issues"].append(str(sample.meta["_meta_error"]))
     if out.error or not out.faces:
         row["status"] = "failed"
         if out.key is None and path_missing(out):
@@ -213,7 +262,12 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     models = load_face_models(face_models, out_dir / "cache")
     repair_jsonl(out_dir / RESULTS)
-    done = {_row_key(r) for r in load_results(out_dir)}
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"method name {', '.join(map(repr, dup))} given more than once; each method needs "
+                         "its own name")
+    prior = {_row_key(r): r for r in load_results(out_dir)}
     atomic_write_json(out_dir / RUN_CONFIG, {
         "benchmark": bench.name, "root": str(bench.root) if bench.root else None,
         "methods": [m.name for m in methods],
@@ -229,19 +283,36 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
     atomic_write_json(samples_path, known)
     stats = RunStats()
     image_memo: dict[tuple[str, str], dict[str, Any]] = {}
-    todo = [(s, m, fm) for s in bench for m in methods for fm in models if (s.id, m.name, fm.name) not in done]
+    digests = FileDigests(out_dir / "cache" / "digests.json")
+    settings = {fm.name: metric_settings(fm, image_metrics) for fm in models}
+    todo: list[tuple[Sample, MethodOutputs, FaceModel, dict[str, Any]]] = []
+    reasons: Counter[str] = Counter()
+    for s in bench:
+        for m in methods:
+            for fm in models:
+                inputs = row_inputs(s, m, fm, digests, settings[fm.name])
+                old = prior.get((s.id, m.name, fm.name))
+                if old is not None:
+                    why = changed_inputs(old.get("inputs"), inputs)
+                    if not why:
+                        continue
+                    stats.rows_rescored += 1
+                    reasons.update(why)
+                todo.append((s, m, fm, inputs))
+    digests.save()
+    stats.rescore_reasons = dict(reasons.most_common())
     stats.rows_skipped = len(bench) * len(methods) * len(models) - len(todo)
     if workers > 1 and todo and max_rows is None:
         for fm in models:
             items: list[tuple[Path, float | None]] = []
-            for sample, method, _ in todo:
+            for sample, method, _, _ in todo:
                 items += [(sample.gt, None)] if sample.gt is not None else []
                 items += [(r, REF_PAD) for r in sample.references]
                 if sample.id in method.outputs:
                     items.append((method.outputs[sample.id], None))
             fm.cache.prefetch(items, workers=workers, progress=progress)
     per_sample: dict[tuple[str, str], tuple[CachedFaces | None, list[CachedFaces], list[str]]] = {}
-    for sample, method, fm in track(todo, total=len(todo), description="bench", enabled=progress):
+    for sample, method, fm, inputs in track(todo, total=len(todo), description="bench", enabled=progress):
         if max_rows is not None and stats.rows_written >= max_rows:
             break
         ctx = per_sample.get((sample.id, fm.name))
@@ -265,6 +336,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
                             memo[f"{im.name}_error"] = f"{type(exc).__name__}: {exc}"
                 image_memo[(sample.id, method.name)] = memo
             row.update(memo)
+        row["inputs"] = inputs
         append_jsonl(out_dir / RESULTS, row)
         stats.rows_written += 1
     clip = next((im for im in image_metrics if im.name == "clip" and im.available), None)

@@ -8,8 +8,12 @@ import typer
 
 
 def build_dataset_command(
-    input: list[str] = typer.Option(..., "--input", "-i", help="Folder (<search name>/<photo>), glob, WebDataset "
-                                    ".tar or CSV/Parquet manifest (path[, search_name][, caption]); repeatable."),
+    input: list[str] = typer.Option([], "--input", "-i", help="Folder (<search name>/<photo>), glob, WebDataset "
+                                    ".tar or CSV/Parquet manifest (path[, search_name][, caption]); repeatable. "
+                                    "Quoted brace and glob patterns are expanded ('crawl-{000..099}.tar')."),
+    more: list[str] = typer.Argument(None, metavar="INPUT", show_default=False,
+                                     help="More inputs, taken after those of -i: several paths may follow one "
+                                          "-i (as the shell expands -i crawl-{000..099}.tar)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (resumable: rerun the same command)."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Ray actors for the face and write stages."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray)."),
@@ -30,22 +34,34 @@ def build_dataset_command(
 ) -> None:
     """Build MultiID-2M-layout training data (train_rec, train_cp, reference bank, negatives, report)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from ..errors import WithAnyoneError
     from .filters import FilterConfig
     from .pipeline import build_dataset
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     opts = {"pack": pack} if pack else {}
+    inputs = [*input, *(more or [])]
+    if not inputs:
+        console.print("[red]error:[/] no input: pass --input FOLDER|GLOB|TAR|MANIFEST (several allowed)")
+        raise typer.Exit(1)
+    if out.exists() and not out.is_dir():
+        console.print(f"[red]error:[/] --out {escape(str(out))} is a file, not a folder")
+        raise typer.Exit(1)
     try:
-        res = build_dataset(input, out, backend=backend, backend_options=opts, workers=workers, address=address,
+        res = build_dataset(inputs, out, backend=backend, backend_options=opts, workers=workers, address=address,
                             unit_size=unit_size, min_photos=min_photos, negatives_per_identity=negatives,
                             filters=FilterConfig(min_face_size=min_face_size, min_sharpness=min_sharpness),
                             no_name_folders=no_name_folder, fetch=fetch, progress=progress, overwrite=overwrite)
     except WithAnyoneError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
     rep = res.report
+    if rep.get("inputs_changed"):
+        n = len(rep["inputs_changed"])
+        console.print(f"[yellow]{n} input photo(s) changed content since the last run and were reprocessed[/] "
+                      f"(e.g. {escape(rep['inputs_changed'][0])})")
     console.print(f"{res.photos} photos → train_rec {res.train_rec}, train_cp {res.train_cp}; "
                   f"{res.identities} identities; rejected {rep['rejected']}; wrote {out}")
     for c in rep["corrupt_inputs"][:20]:

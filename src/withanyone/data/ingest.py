@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..faces.image import image_extension  # noqa: F401  (re-exported: WebDataset key suffixes)
+from ..io import FileDigests
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -51,6 +52,8 @@ class InputItem:
 def ingest(inputs: Sequence[str | Path], no_name_folders: Iterable[str] = DEFAULT_NO_NAME_FOLDERS) -> list[InputItem]:
     """Expand every input (folder, glob, ``.tar``, ``.csv``/``.parquet`` manifest or single image) in order.
 
+    Brace patterns (``crawl-{000..099}.tar``) are expanded first; a glob may match images or ``.tar`` shards.
+
     A folder ``root/<name>/<photo>`` gives search name ``<name>``, except folders listed in
     ``no_name_folders`` (multi-person photos) and photos directly in ``root`` (no name). Glob matches take
     the parent folder's name the same way. Duplicate sources are kept once.
@@ -59,14 +62,17 @@ def ingest(inputs: Sequence[str | Path], no_name_folders: Iterable[str] = DEFAUL
         raise InputError("--input", "no input given")
     skip = {n.lower() for n in no_name_folders}
     items: list[InputItem] = []
-    for raw in inputs:
+    for raw in expand_braces(inputs):
         spec = str(raw)
         path = Path(spec)
         if any(ch in spec for ch in "*?[") and not path.exists():
             matches = sorted(globlib.glob(spec, recursive=True))
+            tars = [Path(m) for m in matches if Path(m).suffix.lower() == ".tar" and Path(m).is_file()]
             found = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file()]
-            if not found:
-                raise InputError(spec, "glob matches no image files")
+            if not found and not tars:
+                raise InputError(spec, "glob matches no image files or .tar shards")
+            for t in tars:
+                items += _ingest_tar(t)
             items += [InputItem(str(p), _folder_name(p.parent.name, skip)) for p in found]
         elif path.is_dir():
             items += _ingest_folder(path, skip)
@@ -88,6 +94,33 @@ def ingest(inputs: Sequence[str | Path], no_name_folders: Iterable[str] = DEFAUL
             out.append(it)
     if not out:
         raise InputError(", ".join(map(str, inputs)), "no image files found")
+    return out
+
+
+def expand_braces(inputs: Iterable[str | Path]) -> list[str]:
+    """Inputs with shell brace patterns expanded (``crawl-{000..099}.tar`` quoted, as WebDataset writes it);
+    an input that exists as it is named is kept as it is."""
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for raw in inputs:
+        spec = str(raw)
+        out += [spec] if "{" not in spec or Path(spec).exists() else list(braceexpand(spec))
+    return out
+
+
+def content_fingerprints(items: Sequence[InputItem], digests: FileDigests) -> list[str | None]:
+    """Fingerprint of each input's content: sha256 of its file (a tar member: of its tar, plus where the
+    member lies in it), None for a remote URL. ``digests`` keeps unchanged files to a ``stat`` call."""
+    out: list[str | None] = []
+    for it in items:
+        if it.tar is not None:
+            d = digests.digest(it.tar)
+            out.append(f"{d}@{it.offset}+{it.length}" if d else None)
+        elif _is_url(it.source):
+            out.append(None)
+        else:
+            out.append(digests.digest(it.source))
     return out
 
 
@@ -115,7 +148,10 @@ def _ingest_tar(path: Path) -> list[InputItem]:
     except (tarfile.TarError, OSError) as exc:
         raise InputError(str(path), f"cannot open tar: {exc}") from exc
     with tf:
-        members = [m for m in tf.getmembers() if m.isfile()]
+        try:
+            members = [m for m in tf.getmembers() if m.isfile()]
+        except (tarfile.TarError, OSError) as exc:
+            raise InputError(str(path), f"truncated or damaged tar ({exc}); fetch it again or leave it out") from exc
         by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
         for m in members:
             base = m.name.rsplit("/", 1)[-1]

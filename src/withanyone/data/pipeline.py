@@ -11,7 +11,9 @@ Output (``out/``)::
     identities.json        negatives.safetensors report.json  report_*.png   _work/ (manifests, per-unit records)
 
 Kill at any point and rerun with the same arguments: finished units are skipped, unfinished ones are
-redone, shards appear only by atomic rename, so the output equals an uninterrupted run's.
+redone, shards appear only by atomic rename, so the output equals an uninterrupted run's. Inputs are
+fingerprinted by content (size + mtime as a fast path, sha256 to confirm): a unit holding a photo replaced
+under the same name has its faces redone, and every later stage follows the new content.
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from ..io import FileDigests
 from ..progress import track
 from .assign import Assignment, CenterIndex, Thresholds, thresholds_for
 from .bank import BankMember, ReferenceBank, build_bank
 from .faces_stage import FaceUnitWorker, PhotoRecord, read_unit, unit_path, write_unit_inputs
 from .filters import FilterConfig, filter_photo, is_single_person, optional_models
-from .ingest import DEFAULT_NO_NAME_FOLDERS, InputItem, image_extension, ingest, read_item_bytes
+from .ingest import (
+    DEFAULT_NO_NAME_FOLDERS,
+    InputItem,
+    content_fingerprints,
+    image_extension,
+    ingest,
+    read_item_bytes,
+)
 from .manifest import UnitManifest, check_settings, fingerprint, make_units
 from .report import assigned_unit_path, summarize
 from .shards import (
@@ -86,6 +96,7 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
     work = out / "_work"
     filters = filters or FilterConfig()
     spec = {"backend": backend, **(backend_options or {})}
+    check_backend(spec)
     th = thresholds or thresholds_for(backend, _same_person_threshold(spec))
     items = ingest(inputs, no_name_folders)
     settings = {"backend": spec, "unit_size": unit_size, "min_photos": min_photos,
@@ -96,6 +107,12 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
             shutil.rmtree(out / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     settings_fp = check_settings(work, settings, [it.to_dict() for it in items], overwrite)
+    digests = FileDigests(work / "inputs.digests.json")
+    content = content_fingerprints(items, digests)
+    digests.save()
+    changed = _changed_inputs(work, items, content)
+    if changed:
+        log.info("%d input(s) changed content since the last run; their units are redone", len(changed))
     removed = remove_stale_temporaries(out)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
@@ -112,11 +129,12 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
         clock = now
 
     try:
-        _faces_stage(items, units, work, spec, settings_fp, workers, fetch, progress)
+        unit_content = [fingerprint([content[i] for i in idx]) for idx in units]
+        _faces_stage(items, units, work, spec, settings_fp, workers, fetch, progress, unit_content)
         lap("faces_s")
         bank = _bank_stage(units, work, filters, th, min_photos)
         lap("bank_s")
-        bank_fp = fingerprint({"settings": settings_fp, "table": bank.table(),
+        bank_fp = fingerprint({"settings": settings_fp, "content": fingerprint(content), "table": bank.table(),
                                "centers": bank.centers().round(6).tolist(),
                                "members": [[m.photo for m in p.members] for p in bank.identities]})
         _write_bank(out, work, bank, bank_fp, negatives_per_identity, backend, progress, fetch)
@@ -131,8 +149,46 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
     report = summarize(out, bank.table(), {
         "backend": backend, "thresholds": th.to_dict(), "filters": asdict(filters), "units": len(units),
         "optional_stages": optional_models(), "names_dropped": bank.dropped, "names_merged": bank.merged,
-        "bank_outliers": bank.outliers, "timings": timings, "workers": workers})
+        "bank_outliers": bank.outliers, "timings": timings, "workers": workers, "inputs_changed": changed})
     return BuildResult(out, report["photos"], report["identities"], report["train_rec"], report["train_cp"], report)
+
+
+def check_backend(spec: dict) -> None:
+    """Fail before Ray starts when the face backend is unknown or its model pack cannot be found."""
+    from ..errors import ModelNotFoundError, one_line
+    from ..faces.analyzer import BACKENDS
+    from .errors import DatasetError
+
+    name = spec["backend"]
+    if name == "dlib":
+        return
+    if name not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
+        raise DatasetError(f"--backend {name}: unknown face backend; choose one of {', '.join(BACKENDS)}")
+    from ..faces.packs import find_pack
+    from ..hub import hub_offline
+
+    pack = spec.get("pack") or (name if name in ("antelopev2", "buffalo_l") else "antelopev2")
+    try:
+        find_pack(pack, hub=not hub_offline())
+    except ModelNotFoundError as exc:
+        raise DatasetError(f"--backend {name}: {one_line(str(exc))}") from exc
+
+
+def _changed_inputs(work: Path, items: list[InputItem], content: list[str | None]) -> list[str]:
+    """Sources whose content fingerprint differs from the last run's (recorded in ``_work``), then record these."""
+    path = work / "inputs.content.json"
+    old: dict[str, str | None] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+    now = {it.source: c for it, c in zip(items, content, strict=True)}
+    changed = [src for src, c in now.items() if src in old and old[src] != c]
+    from ..io import atomic_write_json
+
+    atomic_write_json(path, now)
+    return changed
 
 
 def _same_person_threshold(spec: dict) -> float | None:
@@ -175,11 +231,12 @@ def _quiet_ray_data() -> None:
 
 
 def _faces_stage(items: list[InputItem], units: list[range], work: Path, spec: dict, key: str, workers: int,
-                 fetch: bool, progress: bool) -> None:
+                 fetch: bool, progress: bool, unit_content: list[str]) -> None:
     import ray.data
 
     manifest = UnitManifest(work / "faces.manifest.jsonl", key)
-    done = {u for u in manifest.done() if unit_path(work, u).exists()}
+    done = {u for u, r in manifest.records().items()
+            if u < len(units) and r.get("content") == unit_content[u] and unit_path(work, u).exists()}
     pending = [u for u in range(len(units)) if u not in done]
     if not pending:
         return
@@ -190,7 +247,8 @@ def _faces_stage(items: list[InputItem], units: list[range], work: Path, spec: d
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     for row in track(ds.iter_rows(), total=len(pending), description="faces", enabled=progress):
         manifest.mark(int(row["unit"]), photos=int(row["photos"]), faces=int(row["faces"]),
-                      errors=int(row["errors"]), t0=float(row["t0"]), t1=float(row["t1"]), pid=int(row["pid"]))
+                      errors=int(row["errors"]), t0=float(row["t0"]), t1=float(row["t1"]), pid=int(row["pid"]),
+                      content=unit_content[int(row["unit"])])
 
 
 def _bank_stage(units: list[range], work: Path, filters: FilterConfig, th: Thresholds,

@@ -291,7 +291,10 @@ def save_state_dict(
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
+        from ..io import current_umask
+
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # like any other writer, not mkstemp's 0600
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

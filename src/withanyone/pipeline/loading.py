@@ -28,9 +28,11 @@ _CONFIG_NAMES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_c
 
 
 def _offline(local_files_only: bool | None) -> bool:
-    if local_files_only:
-        return True
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """Ask only the local cache: when told to, when ``HF_HUB_OFFLINE`` is set, or when the hub is unreachable
+    (one quick probe per process, :mod:`withanyone.hub`) — instead of retrying downloads for half a minute."""
+    from ..hub import hub_offline
+
+    return hub_offline(True if local_files_only else None)
 
 
 class _Source:
@@ -41,7 +43,8 @@ class _Source:
         text = str(ref)
         self.local = (Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
                       or text.count("/") != 1 or os.sep == "\\" and "\\" in text)
-        self.offline = _offline(local_files_only)
+        self._told_offline = bool(local_files_only)
+        self.offline = not self.local and _offline(local_files_only)
         self.commit: str | None = None
 
     def file(self, name: str) -> Path:
@@ -57,7 +60,10 @@ class _Source:
         try:
             got = Path(hf_hub_download(self.ref, name, revision=self.revision, local_files_only=self.offline))
         except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: test it first)
-            why = "offline mode is on" if self.offline else "the hub could not be reached"
+            from ..hub import offline_reason
+
+            why = offline_reason(True if self.offline and self._told_offline else None) if self.offline \
+                else "the hub could not be reached"
             raise ModelNotFoundError(
                 f"{self.role}: file {name} of hub repo {self.ref} is not in the local cache and {why} "
                 f"(and there is no local folder named {self.ref}); download it first "
