@@ -48,7 +48,12 @@ def test_bad_uploads_become_warnings(bad_uploads, dlib_analyzer):
 def test_group_photo_warns_which_face_and_small_face(shared_faces, dlib_analyzer):
     res = analyse_photo(shared_faces / "group" / "2.jpg", dlib_analyzer)
     assert res.ok and res.faces_found >= 2
-    assert any(f"{res.faces_found} faces found — using the largest one" in w for w in res.warnings)
+    assert any(f"{res.faces_found} faces found — using the highest-scoring (as the release) one" in w
+               for w in res.warnings)
+    assert res.face.score == max(f.score for f in dlib_analyzer.detect(shared_faces / "group" / "2.jpg"))
+    largest = analyse_photo(shared_faces / "group" / "2.jpg", dlib_analyzer, reference_face="largest")
+    assert any("using the largest one" in w for w in largest.warnings)
+    assert largest.face.area == max(f.area for f in dlib_analyzer.detect(shared_faces / "group" / "2.jpg"))
     small = analyse_photo(shared_faces / "obama" / "1.jpg", dlib_analyzer, min_face=10_000)
     assert any("the face is small" in w for w in small.warnings)
 

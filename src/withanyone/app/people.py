@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..faces.image import MAX_PIXELS
-from ..pipeline.references import Reference, face_arcface, square_crop
+from ..pipeline.references import Reference, choose_face, face_arcface, raw_box, square_crop
 
 #: Faces whose shorter box side is under this many pixels are flagged as too small to carry an identity.
 MIN_FACE_PX = 64
@@ -57,8 +57,9 @@ def frontality(face: Any) -> float:
 
 
 def analyse_photo(source: Any, analyzer: Any, name: str | None = None, min_face: int = MIN_FACE_PX,
-                  max_pixels: int = MAX_PIXELS) -> PhotoAnalysis:
-    """Detect and embed the faces of one upload; every problem becomes a warning (no exception)."""
+                  max_pixels: int = MAX_PIXELS, reference_face: str = "score") -> PhotoAnalysis:
+    """Detect and embed the faces of one upload; every problem becomes a warning (no exception). The face used
+    is chosen as the pipeline chooses (``reference_face``: ``"score"``, the release's, or ``"largest"``)."""
     from ..errors import WithAnyoneError
     from ..faces.image import describe_source, load_image
 
@@ -83,16 +84,17 @@ def analyse_photo(source: Any, analyzer: Any, name: str | None = None, min_face:
     if not faces:
         res.warnings.append(f"{label}: no face found — photo ignored; use a photo where the face is clearly visible")
         return res
-    face = faces[0]  # analyzers return the largest first
+    face = choose_face(faces, reference_face)
     if len(faces) > 1:
         x1, y1, x2, y2 = (int(v) for v in face.bbox)
-        res.warnings.append(f"{label}: {len(faces)} faces found — using the largest one (box {x1},{y1},{x2},{y2}, "
+        rule = "the largest" if reference_face == "largest" else "the highest-scoring (as the release)"
+        res.warnings.append(f"{label}: {len(faces)} faces found — using {rule} one (box {x1},{y1},{x2},{y2}, "
                             "shown on the left); crop the photo to choose another")
     if face.size < min_face:
         res.warnings.append(f"{label}: the face is small ({face.size:.0f} px, under {min_face} px) — identity "
                             "will be weak; use a closer photo")
     res.face = face
-    res.crop = square_crop(image, face.bbox, size=256)
+    res.crop = square_crop(image, raw_box(face), size=256)
     return res
 
 
@@ -108,7 +110,7 @@ def merge_identity(photos: Sequence[PhotoAnalysis], need_crop: bool = False) -> 
     mean = unit.mean(axis=0)
     vec = mean / np.linalg.norm(mean) * float(norms.mean())
     best = best_photo(good)
-    crop = square_crop(best.image, best.face.bbox) if need_crop and best.image is not None else None
+    crop = square_crop(best.image, raw_box(best.face)) if need_crop and best.image is not None else None
     return Reference(vec.astype(np.float32), crop, source=" + ".join(p.name for p in good), bbox=best.face.bbox)
 
 

@@ -105,6 +105,13 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         lora = gr.File(file_count="single", type="filepath", label="LoRA (.safetensors, optional)",
                                        elem_id="lora")
                         lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale")
+                        with gr.Row():
+                            shift = gr.Dropdown(["release", "flux"], value="release", elem_id="timestep_shift",
+                                                label="time shift (release: the authors' inference; flux: diffusers')")
+                            noise = gr.Dropdown(["release", "cpu"], value="release", elem_id="noise",
+                                                label="seed noise (release: drawn on the GPU as the release does)")
+                            matting = gr.Checkbox(False, label="matting: remove the reference crops' background "
+                                                  "before SigLIP (resemblance > 0)", elem_id="matting")
                         extra = gr.Textbox("{}", label="extra pipeline keyword arguments (JSON), passed to "
                                            "WithAnyonePipeline.__call__ unchanged", elem_id="extra")
                     with gr.Row():
@@ -195,14 +202,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
                       concurrency_id="faces")
 
         gen_inputs = [prompt, n_people, width, height, steps, guidance, random_seed, seed, resemblance, lora,
-                      lora_scale, placement, board, layout, extra, show_boxes, results, *names,
+                      lora_scale, placement, board, layout, shift, noise, matting, extra, show_boxes, results, *names,
                       *[s[2] for s in slots]]
 
         def run(prompt_v, n, w, h, steps_v, guidance_v, rnd, seed_v, res_v, lora_v, lora_scale_v, place, board_v,
-                layout_v, extra_v, show, past, *args, progress=gr.Progress()):
+                layout_v, shift_v, noise_v, matting_v, extra_v, show, past, *args, progress=gr.Progress()):
             people = _people(int(n), args)
             try:
-                kwargs = json.loads(extra_v or "{}")
+                kwargs = {"timestep_shift": shift_v, "noise": noise_v, "use_matting": bool(matting_v),
+                          **json.loads(extra_v or "{}")}
                 if not isinstance(kwargs, dict):
                     raise ValueError("extra pipeline options must be a JSON object")
             except (json.JSONDecodeError, ValueError) as exc:
