@@ -198,3 +198,11 @@ def test_gallery_skips_multi_face_no_face_and_unreadable_photos(samples_dir: Pat
     assert "group/1.jpg: 2 faces" in res.stderr and "nobody/blank.png: no face found" in res.stderr
     assert "no enrolled photo for group, nobody" in res.stderr
     assert "│ group " not in res.stdout.replace("┃", "│")  # nobody is named "group"
+
+
+def test_min_score_option_reaches_the_detector(shared_faces: Path):
+    photo = str(shared_faces / "scarlett" / "1.jpg")  # a real face (2.18) and an ear (0.21)
+    default = CliRunner().invoke(app, ["faces", photo, "--json"])
+    loose = CliRunner().invoke(app, ["faces", photo, "--json", "--min-score", "-0.2"])
+    assert default.exit_code == 0 and loose.exit_code == 0, default.output + loose.output
+    assert len(json.loads(default.stdout)[0]["faces"]) == 1 and len(json.loads(loose.stdout)[0]["faces"]) == 2

@@ -48,6 +48,8 @@ def faces_command(
     images: list[Path] = typer.Argument(..., help="Image files to analyse."),
     backend: str = typer.Option("dlib", "--backend", "-b", help="Face backend: dlib (offline default) or insightface."),
     pack: str | None = typer.Option(None, help="insightface model pack: folder, name (antelopev2) or hub id."),
+    min_score: float | None = typer.Option(None, "--min-score", help="Minimum detection score: dlib's HOG score "
+                                           "(default: the calibrated 0.3) or insightface's det_thresh (0.5)."),
     gallery: Path | None = typer.Option(None, help="Folder of <person>/<photo> files to name faces against "
                                         "(photos with several faces are not enrolled)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -69,7 +71,9 @@ def faces_command(
     from .identity import Gallery
 
     console = Console(stderr=True)
-    options = {"pack": pack} if pack else {}
+    options: dict[str, object] = {"pack": pack} if pack else {}
+    if min_score is not None:
+        options["min_score" if backend == "dlib" else "det_thresh"] = min_score
     quiet = logging.getLogger("withanyone.faces.identity")  # the list below replaces the library's warning
     level = quiet.level
     try:
