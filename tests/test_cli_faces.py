@@ -123,6 +123,10 @@ def test_results_are_written_before_drawing(samples_dir: Path, tmp_path: Path):
     assert json.loads(res.stdout)[0]["image"] == str(photo)
     assert json.loads((tmp_path / "r2.json").read_text())[0]["faces"]
     assert "cannot draw" in res.stderr
+    # --out-json that cannot be written: one line, exit 1
+    res = CliRunner().invoke(app, ["faces", str(photo), "--out-json", str(tmp_path / "blocker" / "r.json")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: --out-json {tmp_path / 'blocker' / 'r.json'}")
 
 
 def test_exit_1_when_every_input_failed(tmp_path: Path):

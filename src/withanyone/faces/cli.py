@@ -64,7 +64,6 @@ def faces_command(
     Exits 1 when no input image could be read or a drawing failed (the results are written first).
     """
     from rich.console import Console
-    from rich.table import Table
 
     from ..errors import WithAnyoneError
     from .analyzer import FaceAnalyzer
@@ -109,11 +108,14 @@ def faces_command(
     # results first: a drawing problem must never lose them
     text = json.dumps(report, indent=2)
     if out_json:
-        atomic_write_text(out_json, text)
+        try:
+            atomic_write_text(out_json, text)
+        except OSError as exc:
+            raise _fail(f"--out-json {out_json}: cannot write ({exc.strerror or exc})") from exc
     if as_json:
         typer.echo(text)
     else:
-        _print_table(report, images, analyzer.backend_name, gal is not None, Table)
+        _print_table(report, images, analyzer.backend_name, gal is not None)
     bad = sum(1 for e in report if e["error"])
     if bad:
         console.print(f"[yellow]{bad} of {len(report)} image(s) could not be read", highlight=False)
@@ -122,12 +124,13 @@ def faces_command(
         raise typer.Exit(1)
 
 
-def _print_table(report: list[dict], images: list[Path], backend: str, named: bool, table_cls) -> None:
+def _print_table(report: list[dict], images: list[Path], backend: str, named: bool) -> None:
     """The result table on stdout; images by their path relative to the inputs' common folder, never cut."""
     from rich.console import Console
+    from rich.table import Table
 
     shown = relative_names(images) if len(images) > 1 else [str(p) for p in images]
-    table = table_cls(title=f"faces ({backend})")
+    table = Table(title=f"faces ({backend})")
     table.add_column("image", overflow="fold", ratio=3)
     table.add_column("face", justify="right")
     table.add_column("box", overflow="fold", ratio=2)
