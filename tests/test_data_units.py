@@ -327,3 +327,17 @@ def test_face_stage_turns_bad_photos_into_error_records(tmp_path, samples_dir):
     assert bad.error and "backend" not in bad.error and bad.faces == []
     missing = analyze_photo(Exploding(), 5, InputItem(str(tmp_path / "gone.jpg")))
     assert missing.error.startswith("FileNotFoundError")
+
+
+def test_non_ascii_names_get_readable_ids_and_keep_the_original():
+    # was "n_c_d" (Nicolás → n_col_s…), "id", "id_2": ids must stay readable and distinct
+    assert slugify("Nicolás Cage D'Ávila") == "nicolas_cage_d_avila"
+    assert slugify("杨幂") == "yangmi" and slugify("Владимир Путин") == "vladimir_putin"
+    rng = np.random.default_rng(7)
+    cand = {name: [BankMember(10 * k + i, 0, e, f"{k}{i}") for i, e in
+                   enumerate(_cloud(rng, unit(rng.normal(size=64)) * 3, 3, 0.05))]
+            for k, name in enumerate(["杨幂", "김연아", "Björk"])}
+    th = thresholds_for("insightface")
+    table = build_bank(cand, th.member, th.merge, min_photos=2).table()
+    assert sorted(table) == ["bjork", "gimyeona", "yangmi"]
+    assert {v["search_name"] for v in table.values()} == {"杨幂", "김연아", "Björk"}

@@ -104,7 +104,7 @@ def test_missing_pack_error_names_every_place_and_how_to_get_it(tmp_path, monkey
     for place in (tmp_path / "antelopev2", home / "models" / "antelopev2", home / "models" / "antelopev2" / "antelopev2"):
         assert str(place) in msg
     assert "hub repo DIAMONIK7777/antelopev2" in msg and "HF_HUB_OFFLINE" in msg
-    assert "antelopev2.zip" in msg and "huggingface-cli download" in msg
+    assert "antelopev2.zip" in msg and "hf download" in msg
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(ModelNotFoundError, match=r"hub repo someone/nothing \(local hub cache only"):
         find_pack("someone/nothing", cache_dir=tmp_path / "hubcache")

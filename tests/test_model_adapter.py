@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from tiny_models.flux import random_identities, tiny_adapter, tiny_flux_inputs, tiny_flux_transformer
+from tiny_models.numerics import assert_close_fp32
 
 from withanyone.model import IdentityInputError, InvalidBoxError, WithAnyoneAdapter
 
@@ -129,7 +130,7 @@ def test_identity_batch_of_one_broadcasts(transformer, adapter):
         siglip_weight=0.5,
     ):
         two = run(transformer, inputs)
-    assert torch.allclose(one, two, atol=1e-6)
+    assert_close_fp32(two, one)  # batch 1 vs 2 may take different matmul kernels
     arc3, _ = random_identities(3, 2)
     with adapter.identities(arcface=arc3, boxes=BOXES * 3, height=256, width=256):
         with pytest.raises(IdentityInputError, match="3 batch items"):
@@ -429,7 +430,7 @@ def test_accelerate_offload_hooks_keep_working(transformer):
         outside = run(t, inputs)
     finally:
         adapter.detach()
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert_close_fp32(got, expected)
     assert torch.equal(outside, run(transformer, inputs))
 
 

@@ -187,3 +187,31 @@ def test_generate_cli_writes_image_and_sidecar(saved, tmp_path, shared_faces):
     i = common.index("--box")
     bad = runner.invoke(app, common[:i] + common[i + 4:] + ["--box", "0,0,8,8", "--out", str(tmp_path / "x.png")])
     assert bad.exit_code != 0 and "one box per reference" in " ".join(bad.output.replace("│", " ").split())
+
+
+def test_generate_rejects_bad_refs_and_sizes_before_loading_weights(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from withanyone.cli import app
+
+    def touched(*a, **k):
+        raise AssertionError("FLUX weights were touched before the inputs were checked")
+
+    monkeypatch.setattr(WithAnyonePipeline, "from_pretrained", touched)
+    np.save(tmp_path / "p0.npy", EMB[0])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    base = ["generate", "--prompt", "x", "--base", str(tmp_path / "no-flux"), "--offline", "--no-progress"]
+    good = ["--ref", str(tmp_path / "p0.npy")]
+    cases = [
+        (["--ref", str(tmp_path / "missing.jpg")], f"--ref {tmp_path / 'missing.jpg'}: no such file"),
+        (["--ref", str(tmp_path / "broken.jpg")], f"--ref {tmp_path / 'broken.jpg'}: "),
+        (good + ["--height", "1000"], "--height 1000: must be a positive multiple of 16 pixels"),
+        (good + ["--width", "0"], "--width 0: must be a positive multiple of 16"),
+        (good + ["--layout", str(tmp_path / "nolayout.png")], "--layout"),
+    ]
+    for args, expected in cases:
+        res = CliRunner().invoke(app, base + args)
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (args, res.output, res.exception)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), (args, res.stderr)
+    assert "992 or 1008" in CliRunner().invoke(app, base + good + ["--height", "1000"]).stderr

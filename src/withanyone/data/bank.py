@@ -75,8 +75,15 @@ class ReferenceBank:
 
 
 def slugify(name: str) -> str:
-    """Identity id from a search name: lowercase ASCII letters, digits and underscores."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    """Identity id from a search name: lowercase ASCII letters, digits and underscores.
+
+    Other scripts are transliterated first (``anyascii``: "Nicolás Cage" → ``nicolas_cage``, "杨幂" →
+    ``yangmi``, "Владимир" → ``vladimir``) so ids stay readable; the original name is kept as the
+    identity's ``search_name`` in ``identities.json``.
+    """
+    from anyascii import anyascii
+
+    slug = re.sub(r"[^a-z0-9]+", "_", anyascii(name).lower()).strip("_")
     return slug or "id"
 
 

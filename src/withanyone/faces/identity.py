@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from .types import Face, l2_normalize
 
 if TYPE_CHECKING:
     from .analyzer import FaceAnalyzer
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -67,6 +70,7 @@ class Gallery:
     threshold: float
     backend: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -76,9 +80,11 @@ class Gallery:
     @classmethod
     def from_folder(cls, folder: str | Path, analyzer: FaceAnalyzer, workers: int = 1,
                     progress: bool = False) -> Gallery:
-        """Build from ``folder/<person>/<photo>``; each photo contributes its largest face.
+        """Build from ``folder/<person>/<photo>``; each photo with exactly one face enrols that face.
 
-        Photos without a face or that cannot be read are listed in ``skipped`` with the reason.
+        Photos with several faces (e.g. a ``group/`` folder: which face is the person?), no face, or that cannot
+        be read are not enrolled; they are listed in ``skipped`` with the reason, and people left without any
+        enrolled photo in ``dropped``. Both are logged as a warning.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -90,7 +96,10 @@ class Gallery:
                 if img.suffix.lower() in IMAGE_SUFFIXES:
                     paths.append(img)
                     owners.append(person.name)
-        results = analyzer.analyze_many(paths, workers=workers, progress=progress)
+        if not paths:
+            raise ValueError(f"gallery {folder}: no <person>/<photo> image files "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        results = analyzer.analyze_many(paths, workers=workers, progress=progress, description="gallery")
         per: dict[str, list[tuple[np.ndarray, str]]] = {}
         skipped: list[tuple[str, str]] = []
         for owner, res in zip(owners, results, strict=True):
@@ -98,12 +107,20 @@ class Gallery:
                 skipped.append((res.source, res.error))
             elif not res.faces:
                 skipped.append((res.source, "no face found"))
+            elif len(res.faces) > 1:
+                skipped.append((res.source, f"{len(res.faces)} faces: cannot tell which one is {owner!r}"))
             else:
                 per.setdefault(owner, []).append((res.faces[0].embedding, res.source))
         ids = [Identity(n, np.stack([e for e, _ in v]), [s for _, s in v]) for n, v in per.items()]
+        dropped = sorted(set(owners) - set(per))
         if not ids:
-            raise ValueError(f"gallery {folder} has no usable face photos (expected <person>/<photo> files)")
-        return cls(ids, analyzer.threshold, analyzer.backend_name, skipped)
+            reasons = "; ".join(f"{Path(s).name}: {r}" for s, r in skipped[:3])
+            raise ValueError(f"gallery {folder}: none of its {len(paths)} photos holds exactly one readable face "
+                             f"({reasons}{'; …' if len(skipped) > 3 else ''})")
+        if skipped:
+            logger.warning("gallery %s: %d photo(s) not enrolled%s", folder, len(skipped),
+                           f"; people without any enrolled photo: {', '.join(dropped)}" if dropped else "")
+        return cls(ids, analyzer.threshold, analyzer.backend_name, skipped, dropped)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """(num_faces, num_people) similarity: per person, the best match over their photos."""

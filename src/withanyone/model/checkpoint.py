@@ -126,7 +126,7 @@ def resolve_authors_checkpoint(source: str | Path, *, local_files_only: bool = F
         except Exception as exc:  # offline, gated, missing file: say exactly which file
             raise ModelNotFoundError(
                 f"cannot get {AUTHORS_FILENAME} from hub repo {text} ({type(exc).__name__}: {exc}); download it "
-                f"(huggingface-cli download {text} {AUTHORS_FILENAME}) and pass the local path"
+                f"(hf download {text} {AUTHORS_FILENAME}) and pass the local path"
             ) from exc
     raise ModelNotFoundError(f"checkpoint not found: {source} (neither a file, a folder nor a hub id)")
 

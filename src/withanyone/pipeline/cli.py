@@ -18,6 +18,34 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
+def validate_generate_args(refs: list[str], height: int, width: int, steps: int, layout: Path | None) -> None:
+    """Reject missing/unreadable --ref and --layout files and sizes FLUX cannot make, before any weights load.
+
+    Raises ``ValueError`` with a one-line message naming the argument.
+    """
+    from ..errors import ImageLoadError
+    from ..faces.image import load_image
+
+    files = [("--ref", Path(r)) for r in refs] + ([("--layout", layout)] if layout is not None else [])
+    for flag, path in files:
+        if not path.exists():
+            raise ValueError(f"{flag} {path}: no such file")
+        if not path.is_file():
+            raise ValueError(f"{flag} {path}: is a folder, not a file")
+        if path.suffix.lower() != ".npy":
+            try:
+                load_image(path)
+            except ImageLoadError as exc:
+                raise ValueError(f"{flag} {path}: {exc.reason}") from exc
+    for flag, v in (("--height", height), ("--width", width)):
+        if v < 16 or v % 16:
+            near = sorted({max(16, v // 16 * 16), v // 16 * 16 + 16})
+            raise ValueError(f"{flag} {v}: must be a positive multiple of 16 pixels (FLUX: 8x VAE, 2x2 patches); "
+                             f"e.g. {' or '.join(map(str, near))}")
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: must be at least 1")
+
+
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
     ref: list[str] = typer.Option(..., "--ref", "-r", help="Reference per person: a photo or a .npy ArcFace "
@@ -69,6 +97,12 @@ def generate_command(
                                  ("--reference-face", reference_face, ("score", "largest"))):
         if value not in allowed:
             raise typer.BadParameter(f"{flag} {value!r}: choose {' or '.join(allowed)}")
+
+    try:  # cheap checks first: nothing heavy has loaded yet
+        validate_generate_args(list(ref), height, width, steps, layout)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
     import torch
 

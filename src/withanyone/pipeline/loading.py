@@ -67,7 +67,7 @@ class _Source:
             raise ModelNotFoundError(
                 f"{self.role}: file {name} of hub repo {self.ref} is not in the local cache and {why} "
                 f"(and there is no local folder named {self.ref}); download it first "
-                f"(huggingface-cli download {self.ref} {name}) or pass a local folder") from exc
+                f"(hf download {self.ref} {name}) or pass a local folder") from exc
         except EntryNotFoundError as exc:
             raise ModelNotFoundError(f"{self.role}: file {name} does not exist in hub repo {self.ref}") from exc
         except RepositoryNotFoundError as exc:

@@ -32,6 +32,14 @@ def train_command(
         typer.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return
 
+    from withanyone.train.preflight import PreflightError, check_inputs, explain_load_error
+
+    try:  # before FLUX loads: the base, the ArcFace file and the shards' embedding width
+        check_inputs(cfg)
+    except PreflightError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from withanyone.errors import WithAnyoneError
@@ -50,6 +58,6 @@ def train_command(
             result = train(cfg, on_step=on_step)
         except (WithAnyoneError, OSError) as exc:  # bad data/weights/paths: a message, not a traceback
             kind = "training error" if isinstance(exc, TrainingError) else type(exc).__name__
-            console.print(f"[red]{kind}:[/red] {exc}")
+            typer.echo(f"{kind}: {explain_load_error(exc, cfg)}", err=True)
             raise typer.Exit(1) from exc
     console.print(f"step {result.step}: checkpoint {result.checkpoint}; skipped samples {result.skipped or 'none'}")
