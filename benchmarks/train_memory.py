@@ -19,8 +19,9 @@ does in training, gradients flow back to earlier adapter layers); the bytes of e
 for backward are summed (``saved_tensors_hooks``, storages counted once, parameters excluded) at two token
 counts, and the difference gives bytes per token (fixed costs cancel). CPU attention is PyTorch's flash
 kernel, which saves O(L) like the GPU kernels. The same is done for the VAE decoder (bytes per output
-pixel; the ID loss decodes x̂₀) and ArcFace r100 (bytes per face). With gradient checkpointing of the
-frozen transformer, each block keeps only its inputs and one block at a time is recomputed.
+pixel; the ID loss decodes x̂₀) and ArcFace r100 (bytes per face). With gradient checkpointing (of the
+frozen transformer's blocks and the VAE decoder's mid/up blocks, as the loop does), each block keeps only
+its inputs and one block at a time is recomputed.
 
     python benchmarks/train_memory.py [--covered 0.125] [--reserve-gb 4]
 
@@ -155,8 +156,10 @@ def flux_slice_bytes(side: int, covered: float, dtype: torch.dtype) -> tuple[dic
     return saved.by_phase(), img + txt
 
 
-def decoder_bytes(side: int, dtype: torch.dtype) -> int:
-    """Saved bytes of the FLUX VAE decoder producing a ``side``² image from a latent that requires grad."""
+def decoder_bytes(side: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Saved bytes of the FLUX VAE decoder producing a ``side``² image from a latent that requires grad:
+    (without checkpointing, with the mid and up blocks checkpointed as diffusers does: their inputs kept, the
+    largest one recomputed at a time)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -170,10 +173,23 @@ def decoder_bytes(side: int, dtype: torch.dtype) -> int:
         torch.set_default_dtype(previous)
     vae.requires_grad_(False)
     saved = SavedBytes(_storages(vae))
+    inputs: dict[str, int] = {}
+    blocks = {"mid": vae.decoder.mid_block, **{f"up{i}": b for i, b in enumerate(vae.decoder.up_blocks)}}
+    for name, block in blocks.items():
+        def pre(_module, args, name=name):
+            saved.phase = name
+            inputs[name] = args[0].untyped_storage().nbytes()
+
+        block.register_forward_pre_hook(pre)
+        block.register_forward_hook(lambda *_: setattr(saved, "phase", "other"))
     z = torch.randn(1, 16, side // 8, side // 8, dtype=dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         vae.decode(z).sample.sum()
-    return sum(saved.by_phase().values())
+    phases = saved.by_phase()
+    plain = sum(phases.values())
+    in_blocks = {k: v for k, v in phases.items() if k in blocks}
+    ckpt = plain - sum(in_blocks.values()) + sum(inputs.values()) + max(in_blocks.values())
+    return plain, ckpt
 
 
 def arcface_bytes(faces: int) -> int:
@@ -225,10 +241,12 @@ def main() -> dict:
           f"+ adapter {per_token['single'] / 1e3:.1f} kB, outside blocks {per_token['other'] / 1e3:.1f} kB; fixed per "
           f"sample (ID tokens of 2 people, K/V per block, token encoders): double {fixed['double'] / 1e6:.1f} MB, "
           f"single {fixed['single'] / 1e6:.1f} MB, outside {fixed['other'] / 1e6:.1f} MB", flush=True)
-    d1, d2 = decoder_bytes(64, torch.bfloat16), decoder_bytes(128, torch.bfloat16)
+    (d1, c1), (d2, c2) = decoder_bytes(64, torch.bfloat16), decoder_bytes(128, torch.bfloat16)
     vae_per_px = (d2 - d1) / (128 * 128 - 64 * 64)
+    vae_per_px_ckpt = (c2 - c1) / (128 * 128 - 64 * 64)
     arc_face = arcface_bytes(2) - arcface_bytes(1)
-    print(f"VAE decoder (bf16): {vae_per_px:.0f} B per output pixel; ArcFace r100 (fp32): "
+    print(f"VAE decoder (bf16): {vae_per_px:.0f} B per output pixel, {vae_per_px_ckpt:.0f} B with its blocks "
+          f"checkpointed; ArcFace r100 (fp32): "
           f"{arc_face / 1e6:.1f} MB per face", flush=True)
 
     def per_sample_gb(res: int, ckpt: bool) -> float:
@@ -240,7 +258,8 @@ def main() -> dict:
             blocks = (tokens * (19 * per_token["double"] + 38 * per_token["single"])
                       + people * (19 * fixed["double"] + 38 * fixed["single"]))
         outside = tokens * per_token["other"] + people * fixed["other"]
-        return (blocks + outside + res * res * vae_per_px + PEOPLE * arc_face) / GB
+        vae = res * res * (vae_per_px_ckpt if ckpt else vae_per_px)
+        return (blocks + outside + vae + PEOPLE * arc_face) / GB
 
     table = {s: {n: static_gb(p, s, n) for n in GPUS} for s in STRATEGIES}
     print(f"\nper-GPU static memory, GB (trainable: the whole adapter, {p['adapter'] / 1e9:.2f} B parameters)")
@@ -280,6 +299,7 @@ def main() -> dict:
         "act_gb_per_sample_512_ckpt": round(per_sample_gb(512, True), 2),
         "act_gb_per_sample_1024_ckpt": round(per_sample_gb(1024, True), 2),
         "vae_decoder_bytes_per_pixel": round(vae_per_px, 1),
+        "vae_decoder_bytes_per_pixel_ckpt": round(vae_per_px_ckpt, 1),
         "arcface_mb_per_face": round(arc_face / 1e6, 1),
         "seconds": round(time.perf_counter() - t0, 1),
     }
