@@ -1,7 +1,17 @@
 """Identity-adapter overhead at FLUX-dev width: blocks + adapter over blocks alone, side by side in one run.
 
-One double + one single FLUX block (width 3072, 24 heads), a 1024×1024 image (4096 image tokens) + 512
-text tokens, bf16 on CPU, two people with 256×256-pixel face boxes (2 × 256 = 512 covered tokens):
+One double + one single FLUX block (width 3072, 24 heads), two people. Two modes measure the same ratio:
+
+- quick (default, ≈ 2–5 min on 2 cores): fp32, a 384×384 image (576 image tokens) + 72 text tokens and two
+  96×96-pixel face boxes (72 covered tokens): every token count is the 1024² one scaled by (384/1024)², so
+  the covered fraction of the image (1/8) and the text/image token ratio stay as at 1024²; fp32 because a
+  CPU without native bf16 matmuls runs bf16 many times slower. Costs that do not scale with the image (the
+  dense design's per-call K/V projection of the 544 ID tokens) weigh more at this size;
+- full (``--full``): bf16, a 1024×1024 image (4096 image tokens) + 512 text tokens, two 256×256-pixel
+  face boxes (2 × 256 = 512 covered tokens), 5 repeats (tens of minutes here);
+- ``--both``: quick then full in one process, with the quick/full ratio of each figure.
+
+Variants:
 
 - ``authors_dense``: the release's design — both branches (ArcFace 8 + SigLIP 264 tokens per person)
   on every image token, K/V of the ID tokens projected again in every call;
@@ -75,38 +85,40 @@ def inputs_for(size: int, text_len: int, text_dim: int, dtype: torch.dtype) -> d
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024 → 4096 tokens)")
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--small", action="store_true", help="width 384 / 3 heads: a quick check of the script")
-    args = parser.parse_args()
+MODES = {
+    # size, text tokens, dtype, repeats
+    "quick": (384, 72, torch.float32, 2),
+    "full": (1024, 512, torch.bfloat16, 5),
+}
 
-    dtype = torch.bfloat16
-    if args.small:
+
+def measure(mode: str, size: int, text_len: int, dtype: torch.dtype, repeats: int, small: bool) -> dict[str, float]:
+    """In-run ratios (blocks + adapter over blocks alone) of the three variants, printing the details."""
+    if small:
         width, heads, head_dim, text_dim = 384, 3, 128, 256
     else:
         width, heads, head_dim, text_dim = 3072, 24, 128, 4096
     t0 = time.perf_counter()
     transformer, adapter = build(width, heads, head_dim, text_dim, dtype)
-    inputs = inputs_for(args.size, args.text_len, text_dim, dtype)
-    k = args.size / 1024  # two 256×256-pixel faces at 1024², scaled with the image
+    inputs = inputs_for(size, text_len, text_dim, dtype)
+    k = size / 1024  # two 256×256-pixel faces at 1024², scaled with the image
     boxes = [[(128 * k, 192 * k, 384 * k, 448 * k), (640 * k, 192 * k, 896 * k, 448 * k)]]
     g = torch.Generator().manual_seed(1)
     arcface = torch.nn.functional.normalize(torch.randn(1, 2, 512, generator=g), dim=-1).to(dtype)
     siglip = torch.randn(1, 2, 256, 768, generator=g).to(dtype)
     print(
-        f"# width {width}, {heads} heads, {args.size}² image ({(args.size // 16) ** 2} tokens) + {args.text_len} text "
-        f"tokens, bf16, {torch.get_num_threads()} threads, boxes {boxes[0]} (built in {time.perf_counter() - t0:.0f}s)"
+        f"# [{mode}] width {width}, {heads} heads, {size}² image ({(size // 16) ** 2} tokens) + {text_len} text "
+        f"tokens, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, boxes {boxes[0]} "
+        f"(built in {time.perf_counter() - t0:.0f}s)",
+        flush=True,
     )
 
     hook_time = [0.0]
     residual = adapter._residual
 
-    def timed_residual(*a, **k):
+    def timed_residual(*a, **kw):
         start = time.perf_counter()
-        out = residual(*a, **k)
+        out = residual(*a, **kw)
         hook_time[0] += time.perf_counter() - start
         return out
 
@@ -129,7 +141,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in variants}
     first: dict[str, list[float]] = {k: [] for k in variants}
     share: dict[str, list[float]] = {k: [] for k in variants}
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         for name, v in variants.items():
             base[name].append(forward())  # blocks alone, right before the variant: a side-by-side pair
             adapter.attention_mode, adapter.cache_kv = v["mode"], v["cache"]
@@ -137,8 +149,8 @@ def main() -> None:
                 arcface=arcface,
                 siglip=v["siglip"],
                 boxes=boxes,
-                height=args.size,
-                width=args.size,
+                height=size,
+                width=size,
                 id_weight=v["id_weight"],
                 siglip_weight=v["siglip_weight"],
             ):
@@ -147,25 +159,55 @@ def main() -> None:
                 t = forward()
                 times[name].append(t)
                 share[name].append(hook_time[0] / t)
-        line = ", ".join(f"{k} {base[k][-1]:.1f}s → {times[k][-1]:.1f}s" for k in variants)
-        print(f"repeat {rep + 1}/{args.repeats} (blocks → blocks + adapter): {line}", flush=True)
+        line = ", ".join(f"{k} {base[k][-1]:.2f}s → {times[k][-1]:.2f}s (in-run {1 / (1 - share[k][-1]):.4f})"
+                         for k in variants)
+        print(f"[{mode}] repeat {rep + 1}/{repeats} (blocks → blocks + adapter): {line}", flush=True)
 
     end_to_end = {
         name: statistics.median(t / b for t, b in zip(times[name], base[name], strict=True)) for name in variants
     }
     in_run = {name: statistics.median(1.0 / (1.0 - s) for s in share[name]) for name in variants}
     all_base = [t for v in base.values() for t in v]
-    print(f"blocks alone: median {statistics.median(all_base):.2f}s, range {min(all_base):.2f}–{max(all_base):.2f}s")
+    print(f"[{mode}] blocks alone: median {statistics.median(all_base):.2f}s, "
+          f"range {min(all_base):.2f}–{max(all_base):.2f}s")
     for name in variants:
         per_rep = [round(t / b, 3) for t, b in zip(times[name], base[name], strict=True)]
         first_ratio = statistics.median(t / b for t, b in zip(first[name], base[name], strict=True))
         print(
-            f"{name:14s} in-run {in_run[name]:.3f} (adapter time inside the same forwards: "
+            f"[{mode}] {name:14s} in-run {in_run[name]:.3f} (adapter time inside the same forwards: "
             f"{[round(s, 4) for s in share[name]]}); end-to-end {end_to_end[name]:.3f} (pairs {per_rep}); "
-            f"first call in a block, end-to-end {first_ratio:.3f}"
+            f"first call in a block, end-to-end {first_ratio:.3f}",
+            flush=True,
         )
-    ratios = in_run
-    print(json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+    return {k: round(v, 4) for k, v in in_run.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--full", action="store_true", help="the long sweep: bf16, 1024², 512 text tokens, 5 repeats")
+    which.add_argument("--both", action="store_true", help="quick then full in one run, with their ratio")
+    parser.add_argument("--repeats", type=int, default=None, help="override the mode's repeats")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (a multiple of 64)")
+    parser.add_argument("--text-len", type=int, default=None, help="text tokens (default: the mode's)")
+    parser.add_argument("--small", action="store_true", help="width 384 / 3 heads: a quick check of the script")
+    args = parser.parse_args()
+
+    modes = ["quick", "full"] if args.both else ["full" if args.full else "quick"]
+    results = {}
+    for mode in modes:
+        size, text_len, dtype, repeats = MODES[mode]
+        size = args.size or size
+        text_len = args.text_len or (text_len if args.size is None else max(1, round(512 * (size / 1024) ** 2)))
+        t0 = time.perf_counter()
+        results[mode] = measure(mode, size, text_len, dtype, args.repeats or repeats, args.small)
+        print(f"[{mode}] took {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.both:
+        ratio = {k: round(results["quick"][k] / results["full"][k], 4) for k in results["quick"]}
+        print(f"quick / full in-run ratio per variant: {ratio}")
+        print(json.dumps({"quick": results["quick"], "full": results["full"], "quick_over_full": ratio}))
+    else:
+        print(json.dumps({**results[modes[0]], "mode": modes[0]}))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,13 @@ class IdentityInputError(WithAnyoneError, ValueError):
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (gradient-checkpoint recomputation happens there)."""
+    """True while autograd runs a backward pass (gradient-checkpoint recomputation happens there).
+
+    Always False while torch.compile traces: the query is opaque to Dynamo (one graph break per block), and a
+    compiled graph's recomputation runs inside its compiled backward, not through these Python hooks.
+    """
+    if torch.compiler.is_compiling():
+        return False
     get = getattr(torch._C, "_current_graph_task_id", None)
     return get is not None and get() != -1
 
