@@ -130,6 +130,10 @@ def test_fsdp2_shards_the_adapter_and_matches_the_replay_and_resumes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     r0, r1 = _weights(tmp_path / "fsdp" / "rank0.safetensors"), _weights(tmp_path / "fsdp" / "rank1.safetensors")
     assert _equal(r0, r1)
+    full = sum(v.numel() for v in r0.values())
+    for r in (0, 1):  # each rank held about half of the adapter
+        local = json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text())["local_numel"]
+        assert 0.4 * full < local < 0.6 * full
     mine, _ = _replay(cfg, tmp_path)
     # sharded reductions (reduce-scatter, the grad norm summed from shards) may round differently in the last bit
     assert all(torch.allclose(mine[k], r0[k], rtol=0, atol=1e-6) for k in r0)
@@ -160,3 +164,21 @@ def test_two_processes_killed_mid_run_resume_to_the_uninterrupted_weights(tmp_pa
     assert _equal(a, _weights(tmp_path / "b" / "rank1.safetensors"))
     hist = json.loads((tmp_path / "b" / "rank0.json").read_text())["history"]
     assert [h["step"] for h in hist] == [2, 3]
+
+
+def test_uneven_shards_stop_both_ranks_together(tmp_path):
+    """Rank 1's shard holds 1 sample, rank 0's 3 (one epoch): both stop after step 1 and exit, no hang."""
+    from withanyone.data.reader import iter_samples
+    from withanyone.data.shards import json_bytes, write_shard
+
+    samples = list(itertools.islice(iter_samples(tiny_multiid() / "train"), 4))
+    for k, part in enumerate((samples[:3], samples[3:])):
+        write_shard(tmp_path / "uneven" / f"{k:06d}.tar",
+                    [{"__key__": s.key, "jpg": s.image_bytes, "json": json_bytes(s.labels)} for s in part])
+    cfg = _config(tmp_path, tmp_path / "u", train_shards=str(tmp_path / "uneven"), epochs=1, max_steps=5,
+                  num_workers=0)
+    run = _torchrun(cfg, tmp_path / "u")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in (0, 1):
+        assert json.loads((tmp_path / "u" / f"rank{r}.json").read_text())["step"] == 1
+    assert json.loads((tmp_path / "u" / "checkpoints" / "latest.json").read_text())["step"] == 1

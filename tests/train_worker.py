@@ -37,11 +37,14 @@ def main() -> None:
 
     result = train(cfg, parts, on_step=on_step)
     rank = int(os.environ.get("RANK", "0"))
+    sd = parts.adapter.state_dict()
+    local = sum(int(v.to_local().numel()) if hasattr(v, "to_local") else int(v.numel()) for v in sd.values())
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)  # FSDP2: gather the shards (collective)
              for k, v in parts.adapter.state_dict().items()}
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"step": result.step, "history": result.history,
-                                                       "skipped": result.skipped}))
+                                                       "skipped": result.skipped,
+                                                       "local_numel": local}))
 
 
 if __name__ == "__main__":
