@@ -321,3 +321,42 @@ def test_a_batch_the_adapter_rejects_is_skipped_and_resume_stays_exact(tmp_path,
     assert meta["extra"]["ranks"][0]["batches"] == 4  # 3 steps + 1 rejected batch
     assert meta["extra"]["skipped"]["rejected_batch"] == 2
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_precomputed_text_embeddings_replace_the_text_encoders(tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+    from test_train_fixtures import tiny_arcface
+    from tiny_models.pipeline import get_dummy_components
+
+    from withanyone.train.loop import TrainingError, load_components
+    from withanyone.train.text import TextEmbeddingError, load_text_embeddings, precompute_text_embeddings
+
+    parts = tiny_components()
+    _prepare(parts)
+    cfg = tiny_config(tmp_path)
+    batch = _two_person_batch()
+    t = torch.tensor([0.2, 0.3])
+    with torch.no_grad():
+        live = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    path = precompute_text_embeddings(parts.pipe, ["2 people", "1 person", "2 people", ""], tmp_path / "text.safetensors",
+                                      max_sequence_length=cfg.max_sequence_length)
+    table = load_text_embeddings(path)
+    assert list(table) == ["2 people", "1 person", ""] and table["1 person"][0].shape == (1, 16, 64)
+    parts.pipe.text_encoder = parts.pipe.text_encoder_2 = None  # no encoder left: the table must serve
+    parts.text_table = table
+    with torch.no_grad():
+        pre = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    assert all(torch.equal(live[k], pre[k]) for k in ("flow", "id", "cl", "loss"))
+    parts.text_table = {"1 person": table["1 person"]}
+    with pytest.raises(TrainingError, match="2 people"):
+        compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    with pytest.raises(TextEmbeddingError, match="nope"):
+        load_text_embeddings(tmp_path / "nope.safetensors")
+    # a run with text_embeddings loads FLUX without T5 and CLIP
+    FluxPipeline(**get_dummy_components()).save_pretrained(tmp_path / "flux")
+    save_file({k: v.contiguous() for k, v in tiny_arcface().state_dict().items()}, str(tmp_path / "arc.safetensors"))
+    loaded = load_components(tiny_config(tmp_path, pretrained_model=str(tmp_path / "flux"), local_files_only=True,
+                                         arcface_weights=str(tmp_path / "arc.safetensors"), arcface_arch=None,
+                                         text_embeddings=str(path), negative_pool=None))
+    assert loaded.pipe.text_encoder is None and loaded.pipe.text_encoder_2 is None and "" in loaded.text_table

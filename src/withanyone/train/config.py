@@ -84,6 +84,7 @@ class TrainConfig:
     clamp_x0: bool = False  # clamp the decoded x̂₀ to [-1, 1] before the ID loss (the release does not)
     guidance: float = 1.0  # FLUX-dev's distilled-guidance input during training
     max_sequence_length: int = 512
+    text_embeddings: str | None = None  # precomputed prompts (train.text): T5 and CLIP are then not loaded
     cache_text_embeddings: bool = True
     text_cache_size: int = 64  # prompts kept (LRU, ~4 MB each at T5 512 × 4096 bf16); count prompts always hit
 

@@ -65,6 +65,8 @@ class TrainComponents:
     adapter: Any
     negative_pool: Any = None
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: precomputed prompt → (T5, pooled) embeddings (``text_embeddings``); the encoders are then not needed
+    text_table: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -98,8 +100,15 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
 
     dtype = _weight_dtype(config)  # frozen weights in the mixed-precision dtype; the adapter stays fp32
     dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    table = None
+    no_text: dict[str, Any] = {}
+    if config.text_embeddings:  # precomputed prompts: T5-XXL (≈ 9.5 GB) and CLIP stay off the GPUs
+        from withanyone.train.text import load_text_embeddings
+
+        table = load_text_embeddings(config.text_embeddings)
+        no_text = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
     pipe = FluxPipeline.from_pretrained(config.pretrained_model, revision=config.revision, **{dtype_key: dtype},
-                                        local_files_only=config.local_files_only).to(device)
+                                        local_files_only=config.local_files_only, **no_text).to(device)
     arcface = load_arcface(config.arcface_weights, config.arcface_arch, device=device, dtype=torch.float32)
     tr = pipe.transformer.config
     if config.init_adapter:
@@ -122,11 +131,18 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
     adapter = adapter.to(device)
     if adapter.dtype != torch.float32:  # master weights in fp32; autocast runs the math in bf16/fp16
         adapter = adapter.to(dtype=torch.float32)
-    return TrainComponents(pipe, arcface, adapter, pool)
+    return TrainComponents(pipe, arcface, adapter, pool, text_table=table)
 
 
 def _encode_prompts(parts: TrainComponents, prompts: list[str], config: TrainConfig, device: torch.device):
-    """T5 sequence and CLIP pooled embeddings per prompt (frozen encoders; cached per prompt string)."""
+    """T5 sequence and CLIP pooled embeddings per prompt (precomputed table, else the frozen encoders with a
+    per-prompt cache)."""
+    if parts.text_table is not None:
+        missing = sorted({p for p in prompts if p not in parts.text_table})
+        if missing:
+            raise TrainingError(f"{config.text_embeddings}: no precomputed embedding for prompt(s) {missing[:3]}")
+        return (torch.cat([parts.text_table[p][0] for p in prompts]).to(device),
+                torch.cat([parts.text_table[p][1] for p in prompts]).to(device))
     cache = parts.text_cache
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
     found = {p: cache[p] for p in prompts if p in cache}
