@@ -1,5 +1,5 @@
-"""Every phase preset trains end to end on the tiny parts, with 1-, 2- and 3-person samples in one padded
-batch, loading data in a DataLoader worker."""
+"""Every phase preset trains end to end on the tiny parts, both adapter branches (ArcFace and SigLIP), with
+1-, 2- and 3-person samples in one padded batch, loading data in a DataLoader worker."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def test_phase_presets_train_with_one_two_and_three_people_in_one_batch(tmp_path
     preset = load_config(overrides={"phase": phase})
     keep = {k: getattr(preset, k) for k in PHASES[phase] if k not in ("train_shards", "reference_shards", "max_steps")}
     cfg = tiny_config(tmp_path / "run", **keep, phase=phase, train_shards=str(shard), batch_size=3, max_steps=1,
-                      num_workers=1, reference_shards=str(tiny_multiid() / "ref"), t_sampling="release")
+                      num_workers=1, reference_shards=str(tiny_multiid() / "ref"), t_sampling="release",
+                      branch="both")
     seen = []
     real = loop.compute_losses
 
@@ -69,7 +70,14 @@ def test_phase_presets_train_with_one_two_and_three_people_in_one_batch(tmp_path
         return real(batch, *a, **{**kw, "t": t})
 
     monkeypatch.setattr(loop, "compute_losses", spy)
+    from withanyone.model import WithAnyoneAdapter
+    from withanyone.pipeline.tiny import TINY_SIGLIP_DIM, tiny_siglip
+
     parts = tiny_components()
+    torch.manual_seed(0)
+    parts.adapter = WithAnyoneAdapter(num_double_blocks=2, num_single_blocks=2, hidden_size=192, num_heads=3,
+                                      head_dim=64, arcface_dim=512, siglip_dim=TINY_SIGLIP_DIM, use_siglip=True)
+    parts.siglip = tiny_siglip()
     before = {k: v.clone() for k, v in parts.adapter.state_dict().items()}
     res = loop.train(cfg, parts)
     assert res.step == 1 and res.skipped == {}
@@ -77,4 +85,4 @@ def test_phase_presets_train_with_one_two_and_three_people_in_one_batch(tmp_path
     h = res.history[0]
     assert all(np.isfinite(h[k]) for k in ("flow", "id", "cl", "loss")) and h["id"] > 0 and h["cl"] > 0
     changed = {k.split(".")[0] for k, v in parts.adapter.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"arcface_in_arc", "ipa_arc"}  # the ArcFace branch trains (this adapter has no SigLIP)
+    assert changed == {"arcface_in_arc", "ipa_arc", "arcface_in_sig", "siglip_in_sig", "ipa_sig"}  # both branches

@@ -43,6 +43,8 @@ class TrainConfig:
     local_files_only: bool = False
     arcface_weights: str = "glintr100.safetensors"  # arcface_torch r100 backbone converted to safetensors
     arcface_arch: str | None = "r100"
+    branch: str = "arc"  # adapter branch that trains: "arc" (ArcFace), "sig" (SigLIP), "both"
+    siglip_model: str = "google/siglip-base-patch16-256-i18n"  # frozen SigLIP vision tower (branch sig/both)
     init_adapter: str | None = None  # start from an adapter (authors' file/folder or save_pretrained folder)
     # --- data
     train_shards: str = "multiid/train_rec"  # folder of tars, one tar, or a brace pattern
@@ -106,6 +108,7 @@ class TrainConfig:
             (self.nce_positive in ("stored", "recomputed"),
              f"nce_positive must be stored or recomputed, got {self.nce_positive!r}"),
             (self.num_workers >= 0, "num_workers must be ≥ 0"),
+            (self.branch in ("arc", "sig", "both"), f"branch must be arc, sig or both, got {self.branch!r}"),
             (self.sharding in ("none", "fsdp2"), f"sharding must be none or fsdp2, got {self.sharding!r}"),
             (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1 or none"),
             (self.temperature > 0, "temperature must be > 0"),

@@ -51,6 +51,7 @@ class TrainSample:
     prompt: str
     paired: bool
     gt_embeddings: np.ndarray | None = None  # [N, D] the label's stored GT embeddings (InfoNCE positives)
+    face_crops: list[np.ndarray] | None = None  # per face, the square RGB crop SigLIP sees (``siglip_crop``)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainBatch:
     #: where this batch ends in its worker's stream: (slot, epoch, raw entries read this epoch)
     position: tuple[int, int, int] | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # the worker's cumulative skip counts
+    face_crops: list[list[np.ndarray]] | None = None  # per image, per real face: SigLIP's input crop
 
     @property
     def num_people(self) -> int:
@@ -159,7 +161,8 @@ class MultiIDTrainDataset(IterableDataset):
                  paired_ratio: float = 0.0, references: dict[str, np.ndarray] | None = None,
                  min_aesthetics: float | None = None, landmark_detector: Any = None, seed: int = 0,
                  shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
-                 epochs: int | None = None, start: dict[int, tuple[int, int]] | None = None):
+                 epochs: int | None = None, start: dict[int, tuple[int, int]] | None = None,
+                 siglip_crop: int | None = None):
         self.shards = shards
         self.resolution = int(resolution)
         self.max_faces = max_faces
@@ -175,6 +178,8 @@ class MultiIDTrainDataset(IterableDataset):
         #: None: webdataset's ``split_by_node`` reads the rank from torch.distributed / RANK, WORLD_SIZE
         self.rank, self.world_size = rank, world_size
         self.epochs = epochs
+        #: when set, each sample carries its faces' square crops at this size (the SigLIP branch's input)
+        self.siglip_crop = siglip_crop
         #: slot → (epoch, raw entries already consumed in it): resume skips them without decoding
         self.start = dict(start or {})
         #: reason → number of samples skipped (this process / worker)
@@ -308,7 +313,15 @@ class MultiIDTrainDataset(IterableDataset):
         if self.text_dropout and rng.random() < self.text_dropout:
             prompt = ""
         t = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return TrainSample(s.key, t, boxes, lms, refs, list(s.names), prompt, paired, stored)
+        crops = None
+        if self.siglip_crop:  # cut from the original photo with generation's crop (pipeline.references)
+            from withanyone.pipeline.references import square_crop as face_square
+
+            try:
+                crops = [face_square(image, box, self.siglip_crop) for box in s.bboxes]
+            except ValueError:
+                return self._skip("face_outside_crop")
+        return TrainSample(s.key, t, boxes, lms, refs, list(s.names), prompt, paired, stored, crops)
 
     def _landmarks(self, s: Any, image: np.ndarray) -> np.ndarray | None:
         raw = s.labels.get("landmarks")
@@ -393,6 +406,7 @@ def collate(samples: Sequence[TrainSample], max_people: int | None = None) -> Tr
         prompts=[x.prompt for x in samples],
         people=torch.from_numpy(people),
         gt_embeddings=torch.from_numpy(gts),
+        face_crops=[x.face_crops for x in samples] if all(x.face_crops is not None for x in samples) else None,
     )
 
 

@@ -42,8 +42,12 @@ __all__ = ["TrainComponents", "TrainResult", "load_components", "compute_losses"
 
 logger = logging.getLogger(__name__)
 
-#: Adapter parameters that train (the ArcFace branch; the SigLIP branch is trained separately in the paper).
-TRAINABLE_PREFIXES = ("arcface_in_arc.", "ipa_arc.")
+#: Adapter parameters that train, per ``branch`` (the release trains the branches separately, then merges).
+BRANCH_PREFIXES = {"arc": ("arcface_in_arc.", "ipa_arc."), "sig": ("arcface_in_sig.", "siglip_in_sig.", "ipa_sig.")}
+BRANCH_PREFIXES["both"] = BRANCH_PREFIXES["arc"] + BRANCH_PREFIXES["sig"]
+TRAINABLE_PREFIXES = BRANCH_PREFIXES["arc"]
+#: (id_weight, siglip_weight) of the identities during training, per branch
+BRANCH_WEIGHTS = {"arc": (1.0, 0.0), "sig": (0.0, 1.0), "both": (1.0, 1.0)}
 #: Config fields that fix the data order and step randomness; changing them on resume is allowed but inexact.
 RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "train_shards", "resolution", "phase",
                "shuffle_buffer", "paired_ratio", "text_dropout", "prompt_mode", "t_sampling", "num_workers")
@@ -67,6 +71,8 @@ class TrainComponents:
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     #: precomputed prompt → (T5, pooled) embeddings (``text_embeddings``); the encoders are then not needed
     text_table: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: frozen SigLIP vision tower and its image processor (``branch`` "sig" / "both")
+    siglip: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -80,9 +86,9 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def trainable_parameters(adapter: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The adapter parameters that train (ArcFace branch), in a fixed order."""
-    return [p for n, p in adapter.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
+def trainable_parameters(adapter: torch.nn.Module, branch: str = "arc") -> list[torch.nn.Parameter]:
+    """The adapter parameters that train for ``branch`` ("arc", "sig" or "both"), in a fixed order."""
+    return [p for n, p in adapter.named_parameters() if n.startswith(BRANCH_PREFIXES[branch])]
 
 
 def _weight_dtype(config: TrainConfig) -> torch.dtype:
@@ -110,6 +116,12 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
     pipe = FluxPipeline.from_pretrained(config.pretrained_model, revision=config.revision, **{dtype_key: dtype},
                                         local_files_only=config.local_files_only, **no_text).to(device)
     arcface = load_arcface(config.arcface_weights, config.arcface_arch, device=device, dtype=torch.float32)
+    siglip = None
+    if config.branch != "arc":
+        from withanyone.pipeline.loading import load_siglip
+
+        model, processor = load_siglip(config.siglip_model, torch_dtype=dtype, local_files_only=config.local_files_only)
+        siglip = (model.to(device).eval().requires_grad_(False), processor)
     tr = pipe.transformer.config
     if config.init_adapter:
         src = Path(config.init_adapter)
@@ -122,7 +134,8 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
         adapter = WithAnyoneAdapter(num_double_blocks=tr.num_layers, num_single_blocks=tr.num_single_layers,
                                     hidden_size=tr.num_attention_heads * tr.attention_head_dim,
                                     num_heads=tr.num_attention_heads, head_dim=tr.attention_head_dim,
-                                    arcface_dim=arcface.embedding_dim, use_siglip=False)
+                                    arcface_dim=arcface.embedding_dim, use_siglip=siglip is not None,
+                                    siglip_dim=siglip[0].config.hidden_size if siglip is not None else 768)
     pool = None
     if config.negative_pool:
         from withanyone.data import read_negative_pool
@@ -131,7 +144,7 @@ def load_components(config: TrainConfig, device: torch.device | str = "cpu") -> 
     adapter = adapter.to(device)
     if adapter.dtype != torch.float32:  # master weights in fp32; autocast runs the math in bf16/fp16
         adapter = adapter.to(dtype=torch.float32)
-    return TrainComponents(pipe, arcface, adapter, pool, text_table=table)
+    return TrainComponents(pipe, arcface, adapter, pool, text_table=table, siglip=siglip)
 
 
 def _encode_prompts(parts: TrainComponents, prompts: list[str], config: TrainConfig, device: torch.device):
@@ -183,10 +196,11 @@ class IdentityDenoiser(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None,
                 pooled_projections: torch.Tensor, encoder_hidden_states: torch.Tensor, txt_ids: torch.Tensor,
                 img_ids: torch.Tensor, arcface: torch.Tensor, boxes: torch.Tensor, people: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
+                height: int, width: int, siglip: torch.Tensor | None = None, id_weight: float = 1.0,
+                siglip_weight: float = 0.0) -> torch.Tensor:
         """The transformer's velocity with the identities' residuals (packed latents in, packed out)."""
-        with self.adapter.identities(arcface=arcface, boxes=boxes, people=people, height=height, width=width,
-                                     id_weight=1.0):
+        with self.adapter.identities(arcface=arcface, siglip=siglip, boxes=boxes, people=people, height=height,
+                                     width=width, id_weight=id_weight, siglip_weight=siglip_weight):
             return self._transformer(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
                                      pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
                                      txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -229,9 +243,11 @@ def compute_losses(batch: TrainBatch, parts: TrainComponents, config: TrainConfi
     guidance = (torch.full((bsz,), float(config.guidance), device=device)
                 if transformer.config.guidance_embeds else None)
     people = batch.mask
+    id_w, sig_w = BRANCH_WEIGHTS[config.branch]
+    siglip = _siglip_features(batch, parts, device) if config.branch != "arc" else None
     v = model(packed.to(wdtype), t.to(wdtype), guidance, pooled.to(wdtype), embeds.to(wdtype), txt_ids, img_ids,
               batch.references.to(device, torch.float32), torch.as_tensor(batch.boxes, dtype=torch.float64),
-              people, res, res)
+              people, res, res, siglip, id_w, sig_w)
     v = v.float()
     flow = flow_matching_loss(v, FluxPipeline._pack_latents(x0, bsz, c, h, w),
                               FluxPipeline._pack_latents(noise, bsz, c, h, w))
@@ -267,6 +283,22 @@ def compute_losses(batch: TrainBatch, parts: TrainComponents, config: TrainConfi
         out["cl"] = info_nce(q, p, negs, config.temperature, negative_mask=mask, weights=w_face) * share
     out["loss"] = out["flow"] + config.lambda_id * out["id"] + config.lambda_cl * out["cl"]
     out["id_weight"] = w_img.mean()
+    return out
+
+
+def _siglip_features(batch: TrainBatch, parts: TrainComponents, device: torch.device) -> torch.Tensor:
+    """The frozen SigLIP tower's last hidden state of every real face's crop, [B, N, T, D] (padding: zeros)."""
+    from withanyone.pipeline.references import encode_siglip
+
+    if parts.siglip is None:
+        raise TrainingError("branch 'sig'/'both' needs a SigLIP model (TrainComponents.siglip / siglip_model)")
+    if batch.face_crops is None:
+        raise TrainingError("branch 'sig'/'both' needs face crops in the batch (dataset siglip_crop)")
+    model, processor = parts.siglip
+    crops = [c for faces in batch.face_crops for c in faces]
+    feats = encode_siglip(crops, model, processor).float().to(device)  # [F, T, D], no gradient
+    out = feats.new_zeros(*batch.mask.shape, *feats.shape[1:])
+    out[batch.mask.to(device)] = feats
     return out
 
 
@@ -501,7 +533,8 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
     # --- models: FLUX and ArcFace frozen; the adapter's trainable branches wrapped by the engine
     parts = components or load_components(config, device)
     pipe, adapter = parts.pipe, parts.adapter
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, parts.arcface):
+    towers = (parts.siglip[0],) if parts.siglip is not None else ()
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, parts.arcface, *towers):
         if module is not None:
             module.requires_grad_(False).eval()
     if config.gradient_checkpointing:
@@ -509,7 +542,9 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
         if getattr(pipe.vae, "_supports_gradient_checkpointing", False):
             pipe.vae.enable_gradient_checkpointing()  # x̂₀ is decoded with gradients for the ID losses
     adapter.requires_grad_(False)
-    params = trainable_parameters(adapter)
+    if config.branch != "arc" and not adapter.config.use_siglip:
+        raise TrainingError(f"branch={config.branch!r} but the adapter has no SigLIP branch (use_siglip=False)")
+    params = trainable_parameters(adapter, config.branch)
     for p in params:
         p.requires_grad_(True)
     adapter.train().attach(pipe.transformer)
@@ -669,12 +704,14 @@ def _data(config: TrainConfig, adapter: Any, accelerator: Any, position: dict[st
         opts = {"pack": config.landmark_pack} if config.landmark_pack else {}
         detector = FaceAnalyzer(config.landmark_backend, **opts)
     start = {int(k): (int(v[0]), int(v[1])) for k, v in position.get("slots", {}).items()}
+    from withanyone.pipeline.references import CROP_SIZE  # generation's face crop, the SigLIP branch's input
     dataset = MultiIDTrainDataset(config.train_shards, config.resolution, max_faces=config.max_faces,
                                   embedding_dim=adapter.config.arcface_dim, prompt_mode=config.prompt_mode,
                                   text_dropout=config.text_dropout, paired_ratio=config.paired_ratio,
                                   references=refs, min_aesthetics=config.min_aesthetics, landmark_detector=detector,
                                   seed=config.seed, shuffle_buffer=config.shuffle_buffer,
                                   rank=rank if explicit else None, world_size=world if explicit else None,
-                                  epochs=config.epochs, start=start)
+                                  epochs=config.epochs, start=start,
+                                  siglip_crop=CROP_SIZE if config.branch != "arc" else None)
     stream = batch_loader(dataset, config.batch_size, config.num_workers, int(position.get("next_slot", 0)))
     return dataset, stream
