@@ -139,3 +139,28 @@ def test_pool_negatives_exclude_batch_identities_without_copying_the_pool():
     again = loop.sample_pool_negatives(pool, ["obama", "biden"], 5, torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(got, again)
     assert len(loop.sample_pool_negatives(pool, [], 100, torch.Generator().manual_seed(1))) == len(pool.identity)
+
+
+def test_a_padded_person_changes_nothing_even_where_its_box_overlaps_a_real_one():
+    from withanyone.pipeline.tiny import tiny_adapter, tiny_transformer
+
+    transformer = tiny_transformer()
+    adapter = tiny_adapter(use_siglip=False).attach(transformer)
+    torch.manual_seed(1)
+    h = w = 64
+    tokens = (h // 16) * (w // 16)
+    kw = dict(hidden_states=torch.randn(1, tokens, 64), encoder_hidden_states=torch.randn(1, 4, 64),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+              img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
+    real = torch.randn(1, 1, 512) * 20
+    with torch.no_grad():
+        with adapter.identities(arcface=real, boxes=[[[0, 0, 40, 40]]], height=h, width=w):
+            one = transformer(**kw)[0]
+        padded = torch.cat([real, torch.randn(1, 1, 512) * 20], 1)
+        with adapter.identities(arcface=padded, boxes=[[[0, 0, 40, 40], [16, 16, 64, 64]]], height=h, width=w,
+                                people=torch.tensor([[True, False]])):
+            masked = transformer(**kw)[0]
+        with adapter.identities(arcface=padded, boxes=[[[0, 0, 40, 40], [16, 16, 64, 64]]], height=h, width=w):
+            both = transformer(**kw)[0]
+    torch.testing.assert_close(masked, one, rtol=1e-5, atol=1e-5)  # masked keys add only rounding
+    assert float((both - one).abs().max()) > 1e-3  # unmasked, the second person would act
