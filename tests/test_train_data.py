@@ -114,12 +114,15 @@ def test_landmarks_by_detection_when_labels_lack_them(tmp_path):
     np.testing.assert_allclose(det.landmarks, ref.landmarks, atol=1e-3)
 
 
-def test_batches_group_by_number_of_people():
+def test_batches_pad_one_to_several_people_with_a_mask():
     _, samples = _samples()
-    batches = list(iter_batches(iter(samples), 2))
-    assert [b.num_people for b in batches] == [2, 1, 1]
-    assert batches[0].references.shape == (2, 2, 512) and batches[0].pixels.shape == (2, 3, 64, 64)
-    assert batches[1].keys == ["00000002", "00000003"]
+    (batch,) = list(iter_batches(iter(samples[1:4]), 3))  # 2, 1 and 1 people in one batch
+    assert batch.num_people == 2 and batch.references.shape == (3, 2, 512) and batch.pixels.shape == (3, 3, 64, 64)
+    assert batch.mask.tolist() == [[True, True], [True, False], [True, False]]
+    assert np.all(batch.boxes[1:, 1] == 0) and float(batch.references[1:, 1].abs().sum()) == 0.0
+    np.testing.assert_array_equal(batch.boxes[1, 0], samples[2].boxes[0])
+    assert batch.names == [s.names for s in samples[1:4]]
+    assert len(list(iter_batches(iter(samples), 4))) == 1  # a short tail is dropped
 
 
 def _at_cos(own: np.ndarray, c: float, seed: int) -> np.ndarray:

@@ -109,7 +109,7 @@ def tiny_config(out: Path, **kw):
 
     base = dict(output_dir=str(out), train_shards=str(tiny_multiid() / "train"), resolution=64, batch_size=2,
                 max_steps=2, mixed_precision="no", gradient_checkpointing=True, max_sequence_length=16,
-                shuffle_buffer=0, warmup_steps=2, save_every=1000, log_every=1, timestep_sampling="uniform",
+                shuffle_buffer=0, warmup_steps=2, save_every=1000, log_every=1, t_sampling="uniform", num_workers=0,
                 num_negatives=16, learning_rate=1e-3)
     base.update(kw)
     return TrainConfig(**base).validate()

@@ -90,11 +90,16 @@ def test_id_terms_vanish_for_noisy_steps(tmp_path):
     high = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=torch.tensor([0.65, 0.9]))
     assert _f(high["id"]) == 0.0 and _f(high["cl"]) == 0.0 and not decodes
     assert _f(high["loss"]) == _f(high["flow"])
-    mid = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=torch.tensor([0.5, 0.9]))
-    low = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=torch.tensor([0.5, 0.3]))
+    # the release's gate is a hard cut: on at t = 0.6, off just above (image 1), no ramp in between
+    cut = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=torch.tensor([0.6, 0.61]))
+    low = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=torch.tensor([0.6, 0.3]))
     assert len(decodes) == 2
-    # image 0 at t = 0.5 has weight 0.5 and image 1 at t = 0.9 weight 0: half of image 0's term, over 2 images
-    assert 0 < _f(mid["id"]) < _f(low["id"])
+    assert _f(cut["id_weight"]) == 0.5 and _f(low["id_weight"]) == 1.0
+    assert 0 < _f(cut["id"]) < _f(low["id"])
+    # id_gate="ramp" (our former default): weight 0.5 at t = 0.5, full at 0.4
+    ramp = tiny_config(tmp_path, id_gate="ramp")
+    half = compute_losses(batch, parts, ramp, torch.Generator().manual_seed(0), t=torch.tensor([0.5, 0.4]))
+    assert _f(half["id_weight"]) == pytest.approx(0.75)
 
 
 def test_a_few_steps_on_one_repeated_batch_lower_the_loss(tmp_path):
@@ -167,7 +172,7 @@ def test_cli_trains_two_steps_and_the_adapter_loads_the_checkpoint(tmp_path):
         f'arcface_weights = "{tmp_path / "arc.safetensors"}"\narcface_arch = "none"\n'
         f'train_shards = "{root / "train"}"\nnegative_pool = "{root / "negatives.safetensors"}"\n'
         'resolution = 64\nbatch_size = 2\nmixed_precision = "no"\nmax_sequence_length = 16\nshuffle_buffer = 0\n'
-        'timestep_sampling = "uniform"\nnum_negatives = 8\n'
+        't_sampling = "uniform"\nnum_negatives = 8\nnum_workers = 0\n'
     )
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "cfg.toml"), "--no-progress",
@@ -202,7 +207,10 @@ def test_config_file_presets_and_overrides(tmp_path):
     assert cfg.prompt_mode == "caption" and cfg.text_dropout == 0.1 and cfg.lambda_id == cfg.lambda_cl == 0.1
     assert load_config(overrides=["phase=4"]).min_aesthetics == PHASES[4]["min_aesthetics"]
     d = load_config()
-    assert (d.learning_rate, d.warmup_steps, d.max_grad_norm, d.temperature, d.num_negatives) == (1e-4, 100, 1.0, 0.1, 4096)
+    assert (d.learning_rate, d.warmup_steps, d.max_grad_norm, d.temperature, d.num_negatives) == (1e-4, 0, 1.0, 0.1, 4096)
+    # the release's optimiser and objective defaults (issue 12's table)
+    assert (d.weight_decay, d.batch_size, d.t_sampling, d.id_gate, d.nce_positive, d.clamp_x0) == (
+        0.0, 1, "release", "release", "stored", False)
     for bad in (["batch_size=two"], ["phase=7"], ["resolution=100"], ["lambda_id"], ["resume=maybe"]):
         with pytest.raises(ConfigError):
             load_config(overrides=bad)
@@ -265,10 +273,10 @@ def test_text_embeddings_are_cached_per_prompt_with_a_bounded_lru(tmp_path):
     parts.pipe.encode_prompt = counting
     cfg = tiny_config(tmp_path, text_cache_size=2)
     e1, p1 = _encode_prompts(parts, ["1 person", "2 people", "1 person"], cfg, torch.device("cpu"))
-    assert calls == [["1 person", "2 people"]] and e1.shape[0] == 3
+    assert calls == [["1 person"], ["2 people"]] and e1.shape[0] == 3  # one prompt per call: batch-independent
     torch.testing.assert_close(e1[0], e1[2], rtol=0, atol=0)
     e2, _ = _encode_prompts(parts, ["2 people", "1 person"], cfg, torch.device("cpu"))
-    assert len(calls) == 1  # both cached
+    assert len(calls) == 2  # both cached
     torch.testing.assert_close(e2[0], e1[1], rtol=0, atol=0)
     _encode_prompts(parts, ["a man smiling"], cfg, torch.device("cpu"))
     assert list(parts.text_cache) == ["1 person", "a man smiling"]  # "2 people" was least recently used
@@ -291,18 +299,17 @@ def test_bf16_mixed_precision_step_keeps_fp32_adapter_weights(tmp_path):
 
 def test_a_batch_the_adapter_rejects_is_skipped_and_resume_stays_exact(tmp_path, monkeypatch):
     import withanyone.train.loop as loop
-    from withanyone.model import InvalidBoxError
 
-    real = loop.compute_losses
+    real = loop._usable
     seen = []
 
-    def flaky(batch, *a, **kw):
+    def flaky(batch, adapter):
         seen.append(tuple(batch.keys))
-        if len(seen) == 2:  # the second batch drawn (step 1) is rejected
-            raise InvalidBoxError("box outside the image")
-        return real(batch, *a, **kw)
+        if len(seen) == 2:  # the second batch drawn (step 1) is rejected, as the adapter would a bad box
+            return False
+        return real(batch, adapter)
 
-    monkeypatch.setattr(loop, "compute_losses", flaky)
+    monkeypatch.setattr(loop, "_usable", flaky)
     straight = train(tiny_config(tmp_path / "a", max_steps=3), tiny_components())
     assert straight.step == 3 and straight.skipped["rejected_batch"] == 2
     seen.clear()
@@ -311,5 +318,45 @@ def test_a_batch_the_adapter_rejects_is_skipped_and_resume_stays_exact(tmp_path,
     a, b = tiny_components().adapter, tiny_components().adapter
     load_checkpoint(straight.checkpoint, a)
     meta = load_checkpoint(resumed.checkpoint, b)
-    assert meta["extra"]["consumed_batches"] == 4  # 3 steps + 1 rejected batch
+    assert meta["extra"]["ranks"][0]["batches"] == 4  # 3 steps + 1 rejected batch
+    assert meta["extra"]["skipped"]["rejected_batch"] == 2
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_precomputed_text_embeddings_replace_the_text_encoders(tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+    from test_train_fixtures import tiny_arcface
+    from tiny_models.pipeline import get_dummy_components
+
+    from withanyone.train.loop import TrainingError, load_components
+    from withanyone.train.text import TextEmbeddingError, load_text_embeddings, precompute_text_embeddings
+
+    parts = tiny_components()
+    _prepare(parts)
+    cfg = tiny_config(tmp_path)
+    batch = _two_person_batch()
+    t = torch.tensor([0.2, 0.3])
+    with torch.no_grad():
+        live = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    path = precompute_text_embeddings(parts.pipe, ["2 people", "1 person", "2 people", ""], tmp_path / "text.safetensors",
+                                      max_sequence_length=cfg.max_sequence_length)
+    table = load_text_embeddings(path)
+    assert list(table) == ["2 people", "1 person", ""] and table["1 person"][0].shape == (1, 16, 64)
+    parts.pipe.text_encoder = parts.pipe.text_encoder_2 = None  # no encoder left: the table must serve
+    parts.text_table = table
+    with torch.no_grad():
+        pre = compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    assert all(torch.equal(live[k], pre[k]) for k in ("flow", "id", "cl", "loss"))
+    parts.text_table = {"1 person": table["1 person"]}
+    with pytest.raises(TrainingError, match="2 people"):
+        compute_losses(batch, parts, cfg, torch.Generator().manual_seed(0), t=t)
+    with pytest.raises(TextEmbeddingError, match="nope"):
+        load_text_embeddings(tmp_path / "nope.safetensors")
+    # a run with text_embeddings loads FLUX without T5 and CLIP
+    FluxPipeline(**get_dummy_components()).save_pretrained(tmp_path / "flux")
+    save_file({k: v.contiguous() for k, v in tiny_arcface().state_dict().items()}, str(tmp_path / "arc.safetensors"))
+    loaded = load_components(tiny_config(tmp_path, pretrained_model=str(tmp_path / "flux"), local_files_only=True,
+                                         arcface_weights=str(tmp_path / "arc.safetensors"), arcface_arch=None,
+                                         text_embeddings=str(path), negative_pool=None))
+    assert loaded.pipe.text_encoder is None and loaded.pipe.text_encoder_2 is None and "" in loaded.text_table

@@ -100,6 +100,7 @@ class _IdentityState:
     id_weight: float
     siglip_weight: float
     target_tokens: int | slice | None
+    people: torch.Tensor | None = None  # [B, N] bool: False marks a padded person (attended by no token)
     plans: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
@@ -284,6 +285,7 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
         id_weight: float = 1.0,
         siglip_weight: float = 0.0,
         target_tokens: int | slice | None = None,
+        people: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Within this block, every call of the attached transformer gets the identity residuals.
 
@@ -291,8 +293,18 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
         list of N pixel boxes (x1, y1, x2, y2) per batch item, ``height``/``width`` the output image's
         pixels; ``target_tokens`` (int count or slice) limits the residual to those image tokens
         (Kontext: the target image's tokens come first). A branch whose weight is 0 is skipped.
+        ``people`` [B, N] bool marks real people when items are padded to N (training batches with 1–4
+        people): a padded person's box is ignored and no image token attends to its tokens.
         """
+        if people is not None:
+            people = torch.as_tensor(people, dtype=torch.bool).cpu()
+            bt = torch.as_tensor(boxes, dtype=torch.float64).clone() if boxes is not None else None
+            if bt is None or bt.shape[:2] != people.shape:
+                raise IdentityInputError(f"people mask {tuple(people.shape)} does not match boxes [B, N, 4]")
+            bt[~people] = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # any valid box; masked below
+            boxes = bt
         state = self._validate(arcface, siglip, boxes, height, width, id_weight, siglip_weight, target_tokens)
+        state.people = people
         if not self._handles:
             raise RuntimeError("call adapter.attach(transformer) before adapter.identities(...)")
         self._stack.append(state)
@@ -390,6 +402,8 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
             return plan
         start, stop = self._target_range(state, length)
         cover = box_coverage(state.boxes, state.height, state.width, length, offset=start)  # [Bb, N, L]
+        if state.people is not None:
+            cover = cover & state.people.reshape(cover.shape[0], -1, 1)
         if cover.shape[0] != batch:
             cover = cover.expand(batch, -1, -1)
         cover = cover.to(device)

@@ -43,6 +43,8 @@ class TrainConfig:
     local_files_only: bool = False
     arcface_weights: str = "glintr100.safetensors"  # arcface_torch r100 backbone converted to safetensors
     arcface_arch: str | None = "r100"
+    branch: str = "arc"  # adapter branch that trains: "arc" (ArcFace), "sig" (SigLIP), "both"
+    siglip_model: str = "google/siglip-base-patch16-256-i18n"  # frozen SigLIP vision tower (branch sig/both)
     init_adapter: str | None = None  # start from an adapter (authors' file/folder or save_pretrained folder)
     # --- data
     train_shards: str = "multiid/train_rec"  # folder of tars, one tar, or a brace pattern
@@ -57,27 +59,34 @@ class TrainConfig:
     text_dropout: float = 0.0  # probability of an empty prompt
     paired_ratio: float = 0.0  # probability that a sample takes its references from other photos
     shuffle_buffer: int = 256
-    # --- optimisation
-    batch_size: int = 4
+    num_workers: int = 2  # DataLoader workers per rank (each reads its own shards: split_by_worker); 0: in-process
+    epochs: int | None = None  # passes over the shards (None: endless); when one rank runs out, all stop together
+    # --- optimisation (the release: batch 1 per GPU, no weight decay, no warm-up)
+    batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
+    weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16" (accelerate's autocast)
     gradient_checkpointing: bool = True
+    sharding: str = "none"  # "none": accelerate's environment (DDP across processes); "fsdp2": shard the adapter
     # --- losses
     lambda_id: float = 0.1
     lambda_cl: float = 0.1
     temperature: float = 0.1
     num_negatives: int = 4096
-    id_t_full: float = 0.4  # ID terms at full weight for t ≤ this …
-    id_t_zero: float = 0.6  # … and zero for t ≥ this (linear in between)
-    timestep_sampling: str = "logit_normal"  # or "uniform"
+    t_sampling: str = "release"  # "release": uniform over FLUX's 1000-point shifted schedule; "logit_normal"; "uniform"
+    id_gate: str = "release"  # "release": ID terms on for t ≤ id_t_zero, off above; "ramp": linear from id_t_full
+    id_t_full: float = 0.4  # (ramp) ID terms at full weight for t ≤ this …
+    id_t_zero: float = 0.6  # … and zero above this
+    nce_positive: str = "stored"  # "stored": the label's GT embedding (release); "recomputed": our ArcFace of the GT crop
+    clamp_x0: bool = False  # clamp the decoded x̂₀ to [-1, 1] before the ID loss (the release does not)
     guidance: float = 1.0  # FLUX-dev's distilled-guidance input during training
     max_sequence_length: int = 512
+    text_embeddings: str | None = None  # precomputed prompts (train.text): T5 and CLIP are then not loaded
     cache_text_embeddings: bool = True
     text_cache_size: int = 64  # prompts kept (LRU, ~4 MB each at T5 512 × 4096 bf16); count prompts always hit
 
@@ -93,7 +102,15 @@ class TrainConfig:
             (0.0 <= self.text_dropout <= 1.0, "text_dropout must lie in [0, 1]"),
             (0.0 <= self.paired_ratio <= 1.0, "paired_ratio must lie in [0, 1]"),
             (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}"),
-            (self.timestep_sampling in ("logit_normal", "uniform"), "timestep_sampling must be logit_normal or uniform"),
+            (self.t_sampling in ("release", "logit_normal", "uniform"),
+             f"t_sampling must be release, logit_normal or uniform, got {self.t_sampling!r}"),
+            (self.id_gate in ("release", "ramp"), f"id_gate must be release or ramp, got {self.id_gate!r}"),
+            (self.nce_positive in ("stored", "recomputed"),
+             f"nce_positive must be stored or recomputed, got {self.nce_positive!r}"),
+            (self.num_workers >= 0, "num_workers must be ≥ 0"),
+            (self.branch in ("arc", "sig", "both"), f"branch must be arc, sig or both, got {self.branch!r}"),
+            (self.sharding in ("none", "fsdp2"), f"sharding must be none or fsdp2, got {self.sharding!r}"),
+            (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1 or none"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.num_negatives >= 0, "num_negatives must be ≥ 0"),
             (1 <= self.max_faces, "max_faces must be ≥ 1"),

@@ -3,16 +3,24 @@
 :class:`MultiIDTrainDataset` is a torch ``IterableDataset`` over ``withanyone.data.iter_samples`` (our
 shards or the published ones). A sample that cannot be used (undecodable image, no/too many faces,
 missing landmarks or embeddings of the wrong width, below the curated-subset score) is skipped and
-counted in ``.skipped`` by reason, never raised. :func:`iter_batches` groups samples with the same number
-of people into batches (the adapter takes one [B, N, 512] tensor per call).
+counted in ``.skipped`` by reason, never raised.
+
+Distribution: shards are split by rank with webdataset's ``split_by_node`` and by DataLoader worker with
+``split_by_worker`` (each worker is one *slot*). :class:`BatchStream` collates padded batches inside the
+worker (1–4 people per image, ``people`` mask), tags each with its slot and stream position, and
+:func:`batch_loader` hands them to the training process in a fixed round-robin slot order, so a run is
+reproducible for a given worker count and resumes by *skipping* each slot's consumed raw entries without
+decoding them.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +29,13 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+logger = logging.getLogger(__name__)
+
 #: Paired references (facts §3): try up to 20 random references, stop early above 0.8, reject below 0.6.
 PAIR_TRIES, PAIR_EARLY_STOP, PAIR_MIN = 20, 0.8, 0.6
 
-__all__ = ["TrainSample", "TrainBatch", "MultiIDTrainDataset", "square_crop", "count_prompt",
-           "load_reference_bank", "iter_batches", "collate"]
+__all__ = ["TrainSample", "TrainBatch", "MultiIDTrainDataset", "BatchStream", "batch_loader", "square_crop",
+           "count_prompt", "load_reference_bank", "iter_batches", "collate"]
 
 
 @dataclass
@@ -36,28 +46,43 @@ class TrainSample:
     pixels: torch.Tensor  # [3, R, R] float in [-1, 1]
     boxes: np.ndarray  # [N, 4] x1, y1, x2, y2
     landmarks: np.ndarray  # [N, 5, 2] ArcFace order
-    references: np.ndarray  # [N, D] unit-norm embeddings fed to the adapter
+    references: np.ndarray  # [N, D] embeddings fed to the adapter, at their stored (raw insightface) norm
     names: list[str | None]
     prompt: str
     paired: bool
+    gt_embeddings: np.ndarray | None = None  # [N, D] the label's stored GT embeddings (InfoNCE positives)
+    face_crops: list[np.ndarray] | None = None  # per face, the square RGB crop SigLIP sees (``siglip_crop``)
 
 
 @dataclass
 class TrainBatch:
-    """A batch of samples with the same number of people N."""
+    """A batch of samples padded to the largest number of people N; ``people[b, j]`` marks real faces."""
 
     keys: list[str]
     pixels: torch.Tensor  # [B, 3, R, R]
-    boxes: np.ndarray  # [B, N, 4]
+    boxes: np.ndarray  # [B, N, 4] (padded people: zeros)
     landmarks: np.ndarray  # [B, N, 5, 2]
     references: torch.Tensor  # [B, N, D]
-    names: list[list[str | None]]
+    names: list[list[str | None]]  # per image, its real people only
     prompts: list[str]
+    people: torch.Tensor | None = None  # [B, N] bool; None: every slot is a real person
+    gt_embeddings: torch.Tensor | None = None  # [B, N, D] stored GT embeddings
+    #: where this batch ends in its worker's stream: (slot, epoch, raw entries read this epoch)
+    position: tuple[int, int, int] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # the worker's cumulative skip counts
+    face_crops: list[list[np.ndarray]] | None = None  # per image, per real face: SigLIP's input crop
 
     @property
     def num_people(self) -> int:
-        """N, people per image."""
+        """N, people per image (after padding)."""
         return int(self.boxes.shape[1])
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, N] bool: real (not padded) people."""
+        if self.people is None:
+            return torch.ones(self.boxes.shape[:2], dtype=torch.bool)
+        return self.people
 
 
 def count_prompt(n: int) -> str:
@@ -97,7 +122,7 @@ def _crop_resize(image: np.ndarray, x0: float, y0: float, side: float, res: int)
 
 def load_reference_bank(source: str | Path | Sequence[str | Path] | None, max_per_identity: int = 64,
                         seed: int = 0) -> dict[str, np.ndarray]:
-    """identity id → (K, D) unit-norm reference embeddings from ``ref/tars`` shards (None → empty).
+    """identity id → (K, D) reference embeddings (as stored: raw norm) from ``ref/tars`` shards (None → empty).
 
     At most ``max_per_identity`` embeddings are kept per identity (a seeded reservoir sample), so the
     published bank (~400 references per identity) fits in memory.
@@ -121,7 +146,7 @@ def load_reference_bank(source: str | Path | Sequence[str | Path] | None, max_pe
                 j = rng.randrange(seen[ref.identity])
                 if j < max_per_identity:
                     kept[j] = e
-    return {k: _unit(np.stack(v)) for k, v in bank.items()}
+    return {k: np.stack(v).astype(np.float32) for k, v in bank.items()}
 
 
 def _unit(e: np.ndarray) -> np.ndarray:
@@ -135,7 +160,9 @@ class MultiIDTrainDataset(IterableDataset):
                  embedding_dim: int = 512, prompt_mode: str = "count", text_dropout: float = 0.0,
                  paired_ratio: float = 0.0, references: dict[str, np.ndarray] | None = None,
                  min_aesthetics: float | None = None, landmark_detector: Any = None, seed: int = 0,
-                 shuffle_buffer: int = 0, rank: int = 0, world_size: int = 1, epochs: int | None = None):
+                 shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
+                 epochs: int | None = None, start: dict[int, tuple[int, int]] | None = None,
+                 siglip_crop: int | None = None):
         self.shards = shards
         self.resolution = int(resolution)
         self.max_faces = max_faces
@@ -148,48 +175,87 @@ class MultiIDTrainDataset(IterableDataset):
         self.landmark_detector = landmark_detector
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        #: None: webdataset's ``split_by_node`` reads the rank from torch.distributed / RANK, WORLD_SIZE
         self.rank, self.world_size = rank, world_size
         self.epochs = epochs
-        #: reason → number of samples skipped (this process)
+        #: when set, each sample carries its faces' square crops at this size (the SigLIP branch's input)
+        self.siglip_crop = siglip_crop
+        #: slot → (epoch, raw entries already consumed in it): resume skips them without decoding
+        self.start = dict(start or {})
+        #: reason → number of samples skipped (this process / worker)
         self.skipped: Counter[str] = Counter()
+        #: slot → that worker's latest skip counts, as seen by :func:`batch_loader` in the training process
+        self.slot_skipped: dict[int, dict[str, int]] = {}
         self.used = 0
 
+    def skip_counts(self) -> dict[str, int]:
+        """Skips so far over every worker (this process's own count when loading in-process)."""
+        total: Counter[str] = Counter()
+        for counts in self.slot_skipped.values():
+            total.update(counts)
+        return dict(total) if self.slot_skipped else dict(self.skipped)
+
     # ------------------------------------------------------------------ stream
+    def _split(self, urls: list[str]) -> list[str]:
+        """This rank's and this DataLoader worker's shards (webdataset's splitters)."""
+        import webdataset as wds
+
+        if self.rank is None or self.world_size is None:
+            mine = list(wds.split_by_node(urls))
+        else:  # an explicit rank (replaying another rank's stream in one process): split_by_node's rule
+            mine = list(itertools.islice(urls, self.rank, None, self.world_size))
+        return list(wds.split_by_worker(mine))
+
     def __iter__(self) -> Iterator[TrainSample]:
+        for sample, _ in self.stream():
+            yield sample
+
+    def stream(self) -> Iterator[tuple[TrainSample, tuple[int, int, int]]]:
+        """(sample, (slot, epoch, raw entries read this epoch)) for this rank and worker."""
         from withanyone.data.reader import _urls, parse_sample
 
+        info = torch.utils.data.get_worker_info()
+        slot = info.id if info is not None else 0
+        rank = self.rank if self.rank is not None else _node_rank()
         urls = _urls(self.shards)
-        epoch = 0
+        epoch, skip = self.start.get(slot, (0, 0))
         while self.epochs is None or epoch < self.epochs:
-            rng = random.Random(f"{self.seed}:{epoch}")
             order = list(urls)
             if self.shuffle_buffer > 1:
-                rng.shuffle(order)
-            produced = 0
-            for index, d in enumerate(self._raw(order, rng)):
-                if index % self.world_size != self.rank:
-                    continue
-                sample = self._build(d, parse_sample, random.Random(f"{self.seed}:{epoch}:{index}"))
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)  # same order on every rank, then split
+            rng = random.Random(f"{self.seed}:{epoch}:{rank}:{slot}")
+            produced = raw = 0
+            for pos, d in enumerate(self._raw(self._split(order), rng), start=1):
+                raw = pos
+                if pos <= skip:
+                    continue  # consumed before the checkpoint: read past, never decoded
+                sample = self._build(d, parse_sample, random.Random(f"{self.seed}:{epoch}:{rank}:{slot}:{pos}"))
                 if sample is not None:
                     produced += 1
                     self.used += 1
-                    yield sample
-            if produced == 0:
-                return  # nothing usable: stop instead of spinning forever
-            epoch += 1
+                    yield sample, (slot, epoch, pos)
+            if produced == 0 and (skip == 0 or raw <= skip):
+                return  # nothing usable (or no shard for this worker): stop instead of spinning forever
+            epoch, skip = epoch + 1, 0
 
     def _entries(self, urls: list[str]) -> Iterator[dict]:
-        """Raw webdataset dicts shard by shard; a torn or unreadable shard loses only its remainder."""
-        from withanyone.data.reader import _dataset
+        """Raw webdataset dicts shard by shard; a torn or unreadable shard loses only its remainder.
+
+        ``urls`` are already this rank's and worker's (:meth:`_split`), so each one-shard reader splits
+        nothing further (webdataset's default ``single_node_only`` would raise under several processes).
+        """
+        import webdataset as wds
 
         for url in urls:
-            it = iter(_dataset(url))
+            it = iter(wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                     workersplitter=None))
             while True:
                 try:
                     d = next(it)
                 except StopIteration:
                     break
-                except Exception:  # truncated tar, unreadable file: count it, go on with the next shard
+                except Exception as exc:  # truncated tar, unreadable file: count it, go on with the next shard
+                    logger.warning("%s: unreadable shard (%s); its remaining samples are skipped", url, exc)
                     self.skipped["unreadable_shard"] += 1
                     break
                 yield d
@@ -241,12 +307,21 @@ class MultiIDTrainDataset(IterableDataset):
         boxes = np.clip(boxes, 0, self.resolution)
         if np.any(boxes[:, 2] - boxes[:, 0] < 1) or np.any(boxes[:, 3] - boxes[:, 1] < 1):
             return self._skip("face_outside_crop")
-        refs, paired = self._references(s, rng)
+        stored = np.asarray(s.embeddings, np.float32)
+        refs, paired = self._references(s, stored, rng)
         prompt = count_prompt(n) if self.prompt_mode == "count" or not s.caption else s.caption
         if self.text_dropout and rng.random() < self.text_dropout:
             prompt = ""
         t = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return TrainSample(s.key, t, boxes, lms, refs, list(s.names), prompt, paired)
+        crops = None
+        if self.siglip_crop:  # cut from the original photo with generation's crop (pipeline.references)
+            from withanyone.pipeline.references import square_crop as face_square
+
+            try:
+                crops = [face_square(image, box, self.siglip_crop) for box in s.bboxes]
+            except ValueError:
+                return self._skip("face_outside_crop")
+        return TrainSample(s.key, t, boxes, lms, refs, list(s.names), prompt, paired, stored, crops)
 
     def _landmarks(self, s: Any, image: np.ndarray) -> np.ndarray | None:
         raw = s.labels.get("landmarks")
@@ -270,18 +345,22 @@ class MultiIDTrainDataset(IterableDataset):
             out.append(np.asarray(best.landmarks, np.float32))
         return np.stack(out)
 
-    def _references(self, s: Any, rng: random.Random) -> tuple[np.ndarray, bool]:
+    def _references(self, s: Any, stored: np.ndarray, rng: random.Random) -> tuple[np.ndarray, bool]:
         """Own embeddings, or (paired) per identified face the release's pick: of up to 20 random other
-        references the most similar to this face, stopping early above 0.8, none if all are below 0.6."""
-        own = _unit(np.asarray(s.embeddings, np.float32))
+        references the most similar to this face, stopping early above 0.8, none if all are below 0.6.
+
+        Embeddings keep their stored norm (insightface's raw ``embedding``, norm ≈ 20–30): generation feeds
+        the adapter that scale (``pipeline.references.face_arcface``), and its input MLP is not scale-invariant.
+        """
+        own = _unit(stored)
         if not self.paired_ratio or rng.random() >= self.paired_ratio:
-            return own, False
-        refs, paired = own.copy(), False
+            return stored.copy(), False
+        refs, paired = stored.copy(), False
         for i, name in enumerate(s.names):
             bank = self.references.get(name) if name is not None else None
             if bank is None:
                 continue
-            sims = bank @ own[i]
+            sims = _unit(bank) @ own[i]
             order = [k for k in rng.sample(range(len(bank)), len(bank)) if sims[k] < 0.999][:PAIR_TRIES]
             best = None  # sims ≥ 0.999: this very photo's face (identical embedding), not another photo
             for k in order:
@@ -303,25 +382,111 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def collate(samples: Sequence[TrainSample]) -> TrainBatch:
-    """Stack samples that share the number of people."""
+def collate(samples: Sequence[TrainSample], max_people: int | None = None) -> TrainBatch:
+    """Stack samples, padding people to the largest count (zero boxes/embeddings, ``people`` mask False)."""
+    n = max(max(len(x.boxes) for x in samples), max_people or 0)
+    b = len(samples)
+    d = samples[0].references.shape[-1]
+    boxes = np.zeros((b, n, 4), np.float32)
+    lms = np.zeros((b, n, 5, 2), np.float32)
+    refs = np.zeros((b, n, d), np.float32)
+    gts = np.zeros((b, n, d), np.float32)
+    people = np.zeros((b, n), bool)
+    for i, x in enumerate(samples):
+        k = len(x.boxes)
+        boxes[i, :k], lms[i, :k], refs[i, :k], people[i, :k] = x.boxes, x.landmarks, x.references, True
+        gts[i, :k] = x.gt_embeddings if x.gt_embeddings is not None else x.references
     return TrainBatch(
-        keys=[s.key for s in samples],
-        pixels=torch.stack([s.pixels for s in samples]),
-        boxes=np.stack([s.boxes for s in samples]),
-        landmarks=np.stack([s.landmarks for s in samples]),
-        references=torch.from_numpy(np.stack([s.references for s in samples])),
-        names=[list(s.names) for s in samples],
-        prompts=[s.prompt for s in samples],
+        keys=[x.key for x in samples],
+        pixels=torch.stack([x.pixels for x in samples]),
+        boxes=boxes,
+        landmarks=lms,
+        references=torch.from_numpy(refs),
+        names=[list(x.names) for x in samples],
+        prompts=[x.prompt for x in samples],
+        people=torch.from_numpy(people),
+        gt_embeddings=torch.from_numpy(gts),
+        face_crops=[x.face_crops for x in samples] if all(x.face_crops is not None for x in samples) else None,
     )
 
 
-def iter_batches(samples: Iterator[TrainSample] | IterableDataset, batch_size: int) -> Iterator[TrainBatch]:
-    """Batches of ``batch_size`` samples with equal face counts (one bucket per count, filled in order)."""
-    buckets: dict[int, list[TrainSample]] = {}
+def iter_batches(samples: Iterable[TrainSample], batch_size: int) -> Iterator[TrainBatch]:
+    """Consecutive ``batch_size`` samples, padded to the largest number of people (a short tail is dropped)."""
+    buf: list[TrainSample] = []
     for s in samples:
-        b = buckets.setdefault(len(s.boxes), [])
-        b.append(s)
-        if len(b) == batch_size:
-            yield collate(b)
-            buckets[len(s.boxes)] = []
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+
+
+@dataclass
+class _SlotEnd:
+    """A worker's last item: its slot is exhausted (epochs reached or no usable data)."""
+
+    slot: int
+    skipped: dict[str, int]
+
+
+class BatchStream(IterableDataset):
+    """Padded batches collated inside each DataLoader worker, tagged with slot, stream position and skips."""
+
+    def __init__(self, dataset: MultiIDTrainDataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+
+    def __iter__(self) -> Iterator[TrainBatch | _SlotEnd]:
+        info = torch.utils.data.get_worker_info()
+        slot = info.id if info is not None else 0
+        buf: list[TrainSample] = []
+        for sample, pos in self.dataset.stream():
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                batch = collate(buf)
+                batch.position, batch.skipped = pos, dict(self.dataset.skipped)
+                buf = []
+                yield batch
+        yield _SlotEnd(slot, dict(self.dataset.skipped))
+
+
+def _keep(item: Any) -> Any:
+    return item
+
+
+def batch_loader(dataset: MultiIDTrainDataset, batch_size: int, num_workers: int = 0,
+                 first_slot: int = 0) -> Iterator[TrainBatch]:
+    """Batches from ``num_workers`` DataLoader workers (0: in this process) in round-robin slot order from
+    ``first_slot``, so the sequence does not depend on worker timing and a resume continues it exactly."""
+    from torch.utils.data import DataLoader
+
+    stream = BatchStream(dataset, batch_size)
+    slots = max(int(num_workers), 1)
+    if num_workers > 0:
+        items: Iterable[Any] = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_keep)
+    else:
+        items = iter(stream)
+    pending: dict[int, deque] = {s: deque() for s in range(slots)}
+    ended: set[int] = set()
+    nxt = first_slot % slots
+    for item in items:
+        if isinstance(item, _SlotEnd):
+            ended.add(item.slot)
+            dataset.slot_skipped[item.slot] = item.skipped
+        else:
+            pending[item.position[0]].append(item)
+            dataset.slot_skipped[item.position[0]] = item.skipped
+        while True:
+            if pending[nxt]:
+                yield pending[nxt].popleft()
+                nxt = (nxt + 1) % slots
+            elif nxt in ended:
+                if len(ended) == slots and not any(pending.values()):
+                    return
+                nxt = (nxt + 1) % slots
+            else:
+                break
+
+
+def _node_rank() -> int:
+    from webdataset.utils import pytorch_worker_info
+
+    return int(pytorch_worker_info()[0])

@@ -6,6 +6,7 @@ out) so each term can be checked against a hand computation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from withanyone.faces.align import arcface_matrix
 
 __all__ = ["flow_matching_loss", "flow_target", "noisy_latents", "predicted_x0", "id_weight_schedule",
-           "align_faces", "id_loss", "info_nce"]
+           "id_gate", "flux_mu", "shifted_schedule", "sample_t", "align_faces", "id_loss", "info_nce"]
 
 #: ID terms get full weight for t ≤ ID_T_FULL and zero weight for t ≥ ID_T_ZERO (linear in between).
 ID_T_FULL = 0.4
@@ -50,6 +51,44 @@ def id_weight_schedule(t: torch.Tensor | float, full: float = ID_T_FULL, zero: f
     if zero <= full:
         return (t < zero).float()
     return ((zero - t) / (zero - full)).clamp(0.0, 1.0)
+
+
+def id_gate(t: torch.Tensor | float, mode: str = "release", full: float = ID_T_FULL,
+            zero: float = ID_T_ZERO) -> torch.Tensor:
+    """Per-image weight of the ID terms: ``"release"`` 1 for t ≤ ``zero`` and 0 above (a hard cut);
+    ``"ramp"`` :func:`id_weight_schedule` (1 up to ``full``, linear to 0 at ``zero``)."""
+    if mode == "release":
+        return (torch.as_tensor(t, dtype=torch.float32) <= zero).float()
+    if mode == "ramp":
+        return id_weight_schedule(t, full, zero)
+    raise ValueError(f"id_gate must be 'release' or 'ramp', got {mode!r}")
+
+
+def flux_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15, base_len: int = 256,
+            max_len: int = 4096) -> float:
+    """FLUX's resolution-dependent shift μ, linear in the image-token count (0.5 at 256 → 1.15 at 4096)."""
+    return base_shift + (max_shift - base_shift) * (image_tokens - base_len) / (max_len - base_len)
+
+
+def shifted_schedule(image_tokens: int, num_points: int = 1000) -> torch.Tensor:
+    """The release's training schedule: ``linspace(1, 0, num_points + 1)[:num_points]`` shifted by
+    ``t' = e^μ / (e^μ + 1/t − 1)`` with μ from the true image-token count (BFL ``get_schedule``)."""
+    base = torch.linspace(1, 0, num_points + 1, dtype=torch.float64)[:num_points]
+    mu = math.exp(flux_mu(image_tokens))
+    return (mu / (mu + (1 / base - 1))).float()
+
+
+def sample_t(mode: str, batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels [batch]: ``"release"`` uniform over :func:`shifted_schedule`; ``"logit_normal"``
+    sigmoid(N(0, 1)); ``"uniform"`` U(0, 1)."""
+    if mode == "release":
+        sched = shifted_schedule(image_tokens)
+        return sched[torch.randint(0, len(sched), (batch,), generator=generator)]
+    if mode == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, generator=generator))
+    if mode == "uniform":
+        return torch.rand(batch, generator=generator)
+    raise ValueError(f"t_sampling must be release, logit_normal or uniform, got {mode!r}")
 
 
 def _matrices(landmarks: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
