@@ -119,3 +119,22 @@ def test_hub_errors_that_point_at_unseen_text_are_rewritten():
     assert text.startswith("pretrained_model black-forest-labs/FLUX.1-dev: weights could not be loaded (We couldn't")
     assert "hf download black-forest-labs/FLUX.1-dev" in text
     assert explain_load_error(ValueError("plain\nproblem"), cfg) == "plain problem"
+
+
+def test_arcface_from_an_onnx_pack_passes_preflight(inputs, tmp_path):
+    pytest.importorskip("onnx")
+    from tiny_models.arcface_onnx import export_tiny_iresnet, tiny_iresnet
+
+    pack = tmp_path / "antelopev2"
+    pack.mkdir()
+    export_tiny_iresnet(pack / "glintr100.onnx", tiny_iresnet(seed=3))
+    for source in (pack, pack / "glintr100.onnx"):  # the pack folder or its recognizer file, as load_arcface takes
+        check_inputs(TrainConfig(pretrained_model=str(inputs / "flux"), arcface_weights=str(source),
+                                 arcface_arch=None, train_shards=str(inputs / "d512")))  # no exception
+        with pytest.raises(PreflightError, match="embeddings are 128-d, but the ArcFace"):  # its width was read
+            check_inputs(TrainConfig(pretrained_model=str(inputs / "flux"), arcface_weights=str(source),
+                                     arcface_arch=None, train_shards=str(inputs / "d128")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreflightError, match="arcface_weights"):
+        check_inputs(TrainConfig(pretrained_model=str(inputs / "flux"), arcface_weights=str(tmp_path / "empty"),
+                                 arcface_arch=None, train_shards=str(inputs / "d512")))

@@ -77,13 +77,20 @@ def check_pretrained_model(config: Any) -> None:
 
 
 def check_arcface_weights(config: Any) -> int:
-    """The ArcFace file is a readable safetensors arcface_torch backbone; returns its embedding width."""
+    """The ArcFace is a readable safetensors arcface_torch backbone or an insightface ONNX recognizer / pack
+    folder; returns its embedding width."""
     from safetensors import SafetensorError, safe_open
 
-    from withanyone.train.arcface import ARCHS
+    from withanyone.errors import WithAnyoneError
+    from withanyone.train.arcface import ARCHS, load_arcface
 
     path = Path(str(config.arcface_weights)).expanduser()
     where = f"arcface_weights {config.arcface_weights}"
+    if path.is_dir() or (path.suffix.lower() == ".onnx" and path.is_file()):  # a pack: read the graph once here
+        try:
+            return int(load_arcface(path, getattr(config, "arcface_arch", None)).fc.out_features)
+        except WithAnyoneError as exc:  # no recognizer in the folder, a foreign graph, a wrong arch
+            raise PreflightError(f"{where}: {' '.join(str(exc).split())}") from exc
     if not path.is_file():
         raise PreflightError(f"{where}: no such file; convert the glint360k r100 backbone once to safetensors "
                              "(docs/train.md, 'ArcFace') and point arcface_weights at it")
