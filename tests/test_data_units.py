@@ -341,3 +341,25 @@ def test_non_ascii_names_get_readable_ids_and_keep_the_original():
     table = build_bank(cand, th.member, th.merge, min_photos=2).table()
     assert sorted(table) == ["bjork", "gimyeona", "yangmi"]
     assert {v["search_name"] for v in table.values()} == {"杨幂", "김연아", "Björk"}
+
+
+def test_faces_stage_keeps_the_raw_norm_for_labels(shared_faces):
+    """insightface faces carry their raw ArcFace norm; labels store the raw vector (as the published ones and
+    generation's adapter input), the builder's matching keeps the unit vector; old records default to norm 1."""
+    from withanyone.data.faces_stage import analyze_photo
+    from withanyone.faces.types import Face
+
+    unit_vec = unit(np.arange(1, 9, dtype=np.float32))
+
+    class RawNormAnalyzer:  # an insightface-like backend: unit embedding + its raw norm in extra
+        def detect(self, image):
+            lm = np.array([[40, 50], [80, 50], [60, 70], [45, 90], [75, 90]], np.float32)
+            return [Face(bbox=np.array([20, 20, 100, 110], np.float32), score=0.9, landmarks=lm,
+                         embedding=unit_vec, backend="insightface", extra={"embedding_norm": 23.5})]
+
+    rec = analyze_photo(RawNormAnalyzer(), 0, InputItem(str(shared_faces / "obama" / "1.jpg")))
+    face = rec.faces[0]
+    np.testing.assert_allclose(face.embedding_array(), unit_vec, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(face.raw_embedding()), 23.5, rtol=1e-5)
+    old = FaceRecord(**{k: v for k, v in face.__dict__.items() if k != "embedding_norm"})
+    assert old.embedding_norm == 1.0 and old.raw_embedding() == face.embedding

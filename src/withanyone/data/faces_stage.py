@@ -27,6 +27,9 @@ class FaceRecord:
     size: float
     sharpness: float
     yaw: float
+    #: The recognizer's raw norm (insightface; 1.0 for dlib): labels store ``embedding × embedding_norm``, the raw
+    #: vector the published MultiID-2M labels hold and the adapter is fed at generation.
+    embedding_norm: float = 1.0
 
     @property
     def frontal(self) -> bool:
@@ -36,6 +39,10 @@ class FaceRecord:
     def embedding_array(self) -> np.ndarray:
         """Embedding as float32."""
         return np.asarray(self.embedding, dtype=np.float32)
+
+    def raw_embedding(self) -> list[float]:
+        """The embedding at the recognizer's raw norm (what the labels store)."""
+        return [float(v) * self.embedding_norm for v in self.embedding]
 
 
 @dataclass
@@ -109,7 +116,8 @@ def analyze_photo(analyzer: Any, index: int, item: InputItem, fetch: bool = Fals
             bbox=[float(v) for v in f.bbox], score=float(f.score),
             landmarks=[[float(x), float(y)] for x, y in f.landmarks],
             embedding=[float(v) for v in f.embedding], size=float(f.size),
-            sharpness=laplacian_sharpness(gray), yaw=yaw_proxy(f.landmarks)))
+            sharpness=laplacian_sharpness(gray), yaw=yaw_proxy(f.landmarks),
+            embedding_norm=float((f.extra or {}).get("embedding_norm", 1.0))))
     return rec
 
 

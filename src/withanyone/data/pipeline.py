@@ -386,7 +386,7 @@ def _write_or_remove(path: Path, samples: list[dict]) -> None:
 
 def _label(ph: PhotoRecord, kept: list, assigned: list[Assignment], backend: str) -> dict[str, Any]:
     return image_label(
-        ph.item.source, [f.bbox for f in kept], [a.id for a in assigned], [f.embedding for f in kept],
+        ph.item.source, [f.bbox for f in kept], [a.id for a in assigned], [f.raw_embedding() for f in kept],
         caption=ph.item.caption, search_name=ph.item.search_name, size=list(ph.size),
         landmarks=[f.landmarks for f in kept], det_scores=[round(f.score, 4) for f in kept],
         id_scores=[round(a.score, 6) for a in assigned], face_sizes=[round(f.size, 2) for f in kept],
