@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -90,14 +89,13 @@ def test_truncated_tar_is_one_line_error(tmp_path, samples_dir):
 
 def test_missing_insightface_pack_fails_before_ray(tmp_path, samples_dir):
     ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
+    if ray.is_initialized():  # an earlier test's session: end it, so "Ray never started" can be checked
+        ray.shutdown()
     pack = tmp_path / "no-such-pack"
-    t0 = time.perf_counter()
     r = CliRunner().invoke(app, ["build-dataset", "-i", str(samples_dir), "-o", str(tmp_path / "out"),
                                  "--backend", "insightface", "--pack", str(pack), "--no-progress"])
     err = _one_line_error(r, "--backend insightface", "model pack", str(pack), "not found")
-    assert time.perf_counter() - t0 < 5 and not ray.is_initialized()
+    assert not ray.is_initialized()  # refused before Ray started
     assert re.search(r"no such folder", err)
     r = CliRunner().invoke(app, ["build-dataset", "-i", str(samples_dir), "-o", str(tmp_path / "out"),
                                  "--backend", "mediapipe"])
