@@ -229,3 +229,71 @@ def test_e2e_tiny_ray_kill_resume_run_report(tiny_bench, tmp_path):
     assert len({r["sample"] for r in rows}) == 5 and all(r["output"].startswith(str(killed)) for r in rows)
     html_text = (res / "report.html").read_text()
     assert "Per-sample explorer" in html_text and "Count acc." in html_text and "http" not in html_text
+
+
+# ------------------------------------------------------------------------------- multi-person metrics
+
+
+def test_identity_confusion_and_count_on_vectors():
+    from withanyone.bench.multi_metrics import count_accuracy, identity_confusion
+
+    refs = np.eye(3)
+    people = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]
+    right = identity_confusion(np.eye(3), people, people, refs)
+    assert right[0] == 0.0 and [f["person"] for f in right[1]] == [0, 1, 2]
+    swapped = identity_confusion(np.eye(3)[[1, 0, 2]], people, people, refs)  # persons 0 and 1 trade places
+    assert swapped[0] == pytest.approx(2 / 3) and [f["confused"] for f in swapped[1]] == [True, True, False]
+    far = identity_confusion(np.eye(3)[:1], [[100, 100, 110, 110]], people, refs)  # overlaps nobody
+    assert far[0] is None and far[1][0]["person"] is None
+    assert count_accuracy([(2, 2), (1, 2), (3, 3), (None, 1)]) == pytest.approx(2 / 3)
+
+
+def _swap_faces(img: np.ndarray, a: list[float], b: list[float], grow: float = 1.4) -> Image.Image:
+    def region(box):
+        cx, cy, w, h = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) * grow, (box[3] - box[1]) * grow
+        return [int(cx - w / 2), int(cy - h / 2), int(cx + w / 2), int(cy + h / 2)]
+
+    im = Image.fromarray(img)
+    out = im.copy()
+    ra, rb = region(a), region(b)
+    out.paste(im.crop(rb).resize((ra[2] - ra[0], ra[3] - ra[1])), tuple(ra[:2]))
+    out.paste(im.crop(ra).resize((rb[2] - rb[0], rb[3] - rb[1])), tuple(rb[:2]))
+    return out
+
+
+def test_confusion_and_count_accuracy_on_constructed_outputs(tiny_bench, tmp_path):
+    """Two-person samples: the GT copy (confusion 0), the GT with the two faces swapped (confusion 1.0), and
+    the GT with one face painted over in one of the two samples (count accuracy 1.0 → 0.5)."""
+    from PIL import ImageDraw
+
+    from withanyone.bench.readers import read_folder_layout
+    from withanyone.bench.report import summarize
+    from withanyone.bench.runner import run_benchmark
+    from withanyone.bench.samples import Benchmark, MethodOutputs
+    from withanyone.faces import load_image
+
+    bench, _ = read_folder_layout(tiny_bench, output_name=None)
+    p2 = Benchmark("p2", [s for s in bench if s.subset == "p2"], bench.root)
+    methods = {m: {} for m in ("gt", "swapped", "missing")}
+    for s in p2:
+        img = load_image(s.gt)
+        for m in methods:
+            if m == "gt" or (m == "missing" and s.id != "p2_0"):
+                out = Image.fromarray(img)
+            elif m == "swapped":
+                out = _swap_faces(img, *s.boxes)
+            else:
+                out = Image.fromarray(img)
+                x1, y1, x2, y2 = s.boxes[1]
+                pad = 0.3 * (x2 - x1)
+                ImageDraw.Draw(out).rectangle([x1 - pad, y1 - pad, x2 + pad, y2 + pad], fill=(128, 128, 128))
+            path = tmp_path / m / f"{s.id}.png"
+            path.parent.mkdir(exist_ok=True)
+            out.save(path)
+            methods[m][s.id] = path
+    run_benchmark(p2, [MethodOutputs(m, o) for m, o in methods.items()], tmp_path / "res", progress=False)
+    board = summarize(tmp_path / "res")["leaderboard"]["p2"]["dlib"]
+    assert board["gt"]["identity_confusion"]["mean"] == 0.0 and board["gt"]["count_acc"]["mean"] == 1.0
+    assert board["swapped"]["identity_confusion"]["mean"] == 1.0 and board["swapped"]["identity_confusion"]["n"] == 2
+    assert board["swapped"]["count_acc"]["mean"] == 1.0
+    assert board["missing"]["count_acc"]["mean"] == 0.5 and board["missing"]["count_acc"]["n"] == 2

@@ -299,9 +299,12 @@ def encode_png(image: Any) -> bytes:
 
 
 def generate_one(method: Callable[[GenerationSample], Any], req: GenerationSample, out: Path, method_name: str,
-                 describe: dict[str, Any]) -> dict[str, Any]:
-    """Generate, write image then sidecar atomically, log; returns a status row (never raises for the sample)."""
-    t0 = time.perf_counter()
+                 describe: dict[str, Any], orphaned: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Generate, write image then sidecar atomically, log; returns a status row (never raises for the sample).
+
+    ``orphaned()`` is asked before anything is written: a worker whose run was killed exits there instead of
+    writing a sample the next run may be generating too."""
+    t0, wall0 = time.perf_counter(), time.time()
     side = {"sample": req.id, "method": method_name, "status": "ok", "error": None, "image": None, "sha256": None,
             "seed": req.seed, "prompt": req.prompt, "references": req.references, "boxes": req.boxes,
             "height": req.height, "width": req.width, "num_persons": req.num_persons, "subset": req.subset,
@@ -310,13 +313,16 @@ def generate_one(method: Callable[[GenerationSample], Any], req: GenerationSampl
         data = encode_png(method(req))
     except Exception as exc:  # one bad sample never kills the run: recorded, retried by the next run
         side.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    else:
+        data = None
+    if orphaned is not None and orphaned():
+        os._exit(1)
+    if data is not None:
         atomic_write_bytes(image_path(out, req.id), data)
         side.update(image=image_path(out, req.id).name, sha256=hashlib.sha256(data).hexdigest())
     atomic_write_json(sidecar_path(out, req.id), side)  # written last: it marks the sample done
     seconds = time.perf_counter() - t0
     append_jsonl(out / LOG, {"sample": req.id, "status": side["status"], "pid": os.getpid(),
-                             "seconds": round(seconds, 4), "error": side["error"]})
+                             "seconds": round(seconds, 4), "t0": wall0, "t1": time.time(), "error": side["error"]})
     return {"sample": req.id, "status": side["status"], "error": side["error"] or "", "seconds": seconds}
 
 
@@ -333,12 +339,19 @@ class _GenerationActor:
         self.describe = self.spec.describe()
         self.out = Path(out)
         self.method_name = method_name
+        self.parent = os.getppid()  # the raylet; it dies with a killed run, and this worker is re-parented
+
+    def orphaned(self) -> bool:
+        """True once the process that started this worker is gone (its run was killed)."""
+        return os.getppid() != self.parent
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows: dict[str, list] = {"sample": [], "status": [], "error": [], "seconds": []}
         for text in batch["request"]:
             req = GenerationSample(**json.loads(str(text)))
-            r = generate_one(self.method, req, self.out, self.method_name, self.describe)
+            if self.orphaned():
+                os._exit(1)
+            r = generate_one(self.method, req, self.out, self.method_name, self.describe, self.orphaned)
             for k in rows:
                 rows[k].append(r[k])
         return rows
