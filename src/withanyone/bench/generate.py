@@ -384,9 +384,14 @@ def _ensure_ray(address: str | None, num_cpus: int, num_gpus: int) -> bool:
 
             ray.init(address=address, log_to_driver=False,
                      runtime_env={"py_modules": [str(Path(withanyone.__file__).parent)]})
-        else:
+        else:  # workers import the same withanyone as this process (a source checkout wins over an install)
+            import withanyone
+
+            src = str(Path(withanyone.__file__).resolve().parents[1])
+            path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
         started = True
     else:
         started = False
