@@ -21,7 +21,8 @@ from .runner import load_results
 COLOURS = [(46, 204, 113), (52, 152, 219), (231, 76, 60), (241, 196, 15), (155, 89, 182), (26, 188, 156)]
 GREY = (160, 160, 160)
 
-_JS = """
+#: The explorer's sorting script (the report puts it into its one ``<script>``).
+EXPLORER_JS = """
 function sortExplorer(col){
   const t=document.getElementById('explorer');const b=t.tBodies[0];
   const rows=Array.from(b.rows);const asc=t.dataset.col===String(col)&&t.dataset.dir!=='asc';
@@ -137,7 +138,7 @@ def _img(uri: str | None, alt: str) -> str:
 
 
 def render_explorer(rows: list[dict[str, Any]], face_model: str) -> str:
-    """The explorer section (heading, note, sortable table, its script)."""
+    """The explorer section (heading, note, sortable table; its script is :data:`EXPLORER_JS`)."""
     e = html.escape
     cols = [("sample", "sample"), ("method", "method"), ("subset", "subset"), ("num_persons", "people"),
             ("out_faces", "faces"), ("count_acc", "count ok"), ("sim_gt", "Sim(GT)"), ("sim_ref", "Sim(Ref)"),
@@ -163,7 +164,7 @@ def render_explorer(rows: list[dict[str, Any]], face_model: str) -> str:
         parts.append(f"<tr title='{e(r['prompt'], quote=True)}'>{cells}<td>{_img(r['gt'], 'GT')}</td>"
                      f"<td>{''.join(_img(u, 'reference') for u in r['refs'])}</td>"
                      f"<td>{_img(r['output'], 'output')}</td><td>{per_face}</td></tr>")
-    parts.append(f"</tbody></table><script>{_JS}</script>")
+    parts.append("</tbody></table>")
     return "".join(parts)
 
 

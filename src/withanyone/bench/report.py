@@ -369,7 +369,12 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
                     | set(summary.get("sample_ids", [])))
         parts.append(_gallery_html(gallery, summary["methods"], total))
     parts.append(extra_html)
-    parts.append(f"<script>{_JS}</script></body></html>")
+    if extra_html:
+        from .explorer import EXPLORER_JS
+
+        parts.append(f"<script>{_JS}{EXPLORER_JS}</script></body></html>")
+    else:
+        parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
 
 
