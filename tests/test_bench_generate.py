@@ -297,3 +297,18 @@ def test_confusion_and_count_accuracy_on_constructed_outputs(tiny_bench, tmp_pat
     assert board["swapped"]["identity_confusion"]["mean"] == 1.0 and board["swapped"]["identity_confusion"]["n"] == 2
     assert board["swapped"]["count_acc"]["mean"] == 1.0
     assert board["missing"]["count_acc"]["mean"] == 0.5 and board["missing"]["count_acc"]["n"] == 2
+
+
+@pytest.mark.gpu
+def test_generate_one_actor_per_gpu(tiny_bench, tmp_path):
+    """--num-gpus: one Ray actor per device; the tiny pipeline on CUDA writes every sample."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from withanyone.bench.generate import MethodSpec, generate
+    from withanyone.bench.readers import read_folder_layout
+
+    bench, _ = read_folder_layout(tiny_bench, output_name=None)
+    stats = generate(bench, tmp_path, "tiny", MethodSpec(tiny=True), long_side=64, num_gpus=1, progress=False)
+    assert (stats.engine, stats.workers, stats.generated) == ("ray", 1, 5)
+    assert _ok_sidecars(tmp_path) == {s.id for s in bench}
