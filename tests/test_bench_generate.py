@@ -141,6 +141,36 @@ def test_bad_sample_is_recorded_not_fatal(tiny_bench, tmp_path):
     assert json.loads((tmp_path / "out" / "p1_newton.json").read_text())["status"] == "failed"
 
 
+class CountingMethod:
+    """A method class: instantiated once per worker, called per sample; a seeded grey image."""
+
+    instances = 0
+    calls: list[int] = []
+
+    def __init__(self):
+        type(self).instances += 1
+
+    def __call__(self, sample):
+        type(self).calls.append(sample.seed)
+        return Image.new("RGB", (sample.width, sample.height), (sample.seed % 256,) * 3)
+
+
+def test_method_class_is_instantiated_once_and_called_per_sample(tiny_bench, tmp_path):
+    import importlib
+
+    from withanyone.bench.generate import MethodSpec, generate
+    from withanyone.bench.readers import read_folder_layout
+
+    cls = importlib.import_module("test_bench_generate").CountingMethod
+    cls.instances, cls.calls = 0, []
+    bench, _ = read_folder_layout(tiny_bench, output_name=None)
+    stats = generate(bench, tmp_path, "grey", MethodSpec(pipeline="test_bench_generate:CountingMethod"),
+                     long_side=32, progress=False)
+    assert stats.generated == 5 and cls.instances == 1 and len(cls.calls) == 5
+    side = json.loads((tmp_path / "p1_obama.json").read_text())
+    assert Image.open(tmp_path / "p1_obama.png").getpixel((0, 0)) == (side["seed"] % 256,) * 3
+
+
 def test_bad_callable_is_one_line_error(tiny_bench, tmp_path):
     res = _cli("bench", "generate", str(tiny_bench), "-m", "x", "--pipeline", "no_such_module_xyz:f",
                "--out", str(tmp_path), check=False)

@@ -193,8 +193,9 @@ class MethodSpec:
         return load_callable(self.pipeline)
 
 
-def load_callable(spec: str) -> Callable[[GenerationSample], Any]:
-    """``module:callable`` → the callable (a class is instantiated once); a clear error when it is not one."""
+def load_callable(spec: str, instantiate: bool = True) -> Callable[[GenerationSample], Any]:
+    """``module:callable`` → the callable (a class is instantiated once, unless ``instantiate`` is False:
+    checking a name must not load a model); a clear error when it is not one."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise GenerationError(f"--pipeline {spec!r}: expected 'withanyone' or 'module:callable'")
@@ -208,7 +209,7 @@ def load_callable(spec: str) -> Callable[[GenerationSample], Any]:
             raise GenerationError(f"--pipeline {spec!r}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if isinstance(obj, type):
-        obj = obj()
+        return obj() if instantiate else obj
     if not callable(obj):
         raise GenerationError(f"--pipeline {spec!r}: {attr!r} is not callable")
     return obj
@@ -416,7 +417,7 @@ def generate(bench: Benchmark, out_dir: str | Path, method_name: str, spec: Meth
 
     spec = spec or MethodSpec()
     if spec.pipeline != "withanyone":
-        load_callable(spec.pipeline)  # fail fast, here, with a clear message
+        load_callable(spec.pipeline, instantiate=False)  # fail fast, here, with a clear message
     if engine not in ("auto", "ray", "local"):
         raise GenerationError(f"engine {engine!r}: expected auto, ray or local")
     if not method_name or "/" in method_name:
