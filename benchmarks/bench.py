@@ -7,7 +7,7 @@ photos (dlib backend); the authors' pattern is timed on a slice of the rows and 
 The machine is shared with other engineers' jobs, so absolute speeds are noisy; the call ratio is exact.
 
 Generation throughput (``bench generate``): the tiny pipeline (64 px, 2 steps) on the same samples with 1 and
-then 2 Ray Data workers (one actor each, one thread each), each run in its own Ray session; throughput is samples over the
+then 2 Ray Data workers (one actor each, one thread each), in one Ray session; throughput is samples over the
 span from the first sample started to the last finished (actor start-up and pipeline loading excluded, they
 are reported as wall time), and the two runs' images must be byte-identical.
 Last line: one JSON object of headline figures.
@@ -60,30 +60,36 @@ def generation_scaling(bench, tmp: Path, repeats: int = GEN_REPEATS) -> dict:
     """Tiny-pipeline generation throughput with 1 vs 2 Ray workers (same samples, same images)."""
     from dataclasses import replace
 
-    from withanyone.bench.generate import LOG, MethodSpec, generate
+    from withanyone.bench.generate import LOG, MethodSpec, _ensure_ray, generate
     from withanyone.bench.samples import Benchmark
 
     # each sample several times under new ids (new seeds): a tiny sample takes ~0.3 s, so a longer run
     bench = Benchmark(bench.name, [replace(s, id=f"{s.id}-{k}") for k in range(repeats) for s in bench], bench.root)
 
+    started = _ensure_ray(None, 2, 0)
     res = {}
-    # each run starts and stops its own Ray (num_cpus = workers): no actor of the first holds a CPU
-    for n in (1, 2):
-        out = tmp / f"gen{n}"
-        t0 = time.perf_counter()
-        stats = generate(bench, out, "tiny", MethodSpec(tiny=True), long_side=64, workers=n, engine="ray",
-                         progress=False)
-        wall = time.perf_counter() - t0
-        log = [json.loads(x) for x in (out / LOG).read_text().splitlines()]
-        span = max(x["t1"] for x in log) - min(x["t0"] for x in log)
-        per_actor = 0.0  # each actor's own rate over its own span, summed (start-up stagger removed)
-        for pid in {x["pid"] for x in log}:
-            mine = [x for x in log if x["pid"] == pid]
-            per_actor += len(mine) / max(1e-9, max(x["t1"] for x in mine) - min(x["t0"] for x in mine))
-        busy = sum(x["seconds"] for x in log) / (span * n)  # share of the span the workers spent generating
-        res[n] = {"samples": stats.generated, "wall_s": wall, "span_s": span, "sps": stats.generated / span,
-                  "busy": busy,
-                  "pids": len({x["pid"] for x in log}), "actor_sps": per_actor}
+    try:
+        for n in (1, 2):
+            out = tmp / f"gen{n}"
+            t0 = time.perf_counter()
+            stats = generate(bench, out, "tiny", MethodSpec(tiny=True), long_side=64, workers=n, engine="ray",
+                             progress=False)
+            wall = time.perf_counter() - t0
+            log = [json.loads(x) for x in (out / LOG).read_text().splitlines()]
+            span = max(x["t1"] for x in log) - min(x["t0"] for x in log)
+            per_actor = 0.0  # each actor's own rate over its own span, summed (start-up stagger removed)
+            for pid in {x["pid"] for x in log}:
+                mine = [x for x in log if x["pid"] == pid]
+                per_actor += len(mine) / max(1e-9, max(x["t1"] for x in mine) - min(x["t0"] for x in mine))
+            busy = sum(x["seconds"] for x in log) / (span * n)  # share of the span the workers spent generating
+            res[n] = {"samples": stats.generated, "wall_s": wall, "span_s": span, "sps": stats.generated / span,
+                      "busy": busy,
+                      "pids": len({x["pid"] for x in log}), "actor_sps": per_actor}
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     same = all((tmp / "gen1" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "gen2").glob("*.png"))
     ceiling = cpu_ceiling()
     print(f"generation (tiny pipeline, 64 px, 2 steps, {res[1]['samples']} samples): 1 worker {res[1]['sps']:.2f} "
