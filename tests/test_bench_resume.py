@@ -73,6 +73,12 @@ def test_changed_inputs_are_rescored_and_unchanged_reused(tmp_path, samples_dir)
     assert sixth.rows_rescored == 1
     assert list(sixth.rescore_reasons) == ["no input fingerprint (row written by an older version)"]
 
+    # the CP normalisation is a metric setting: switching it rescores, and the rows record the new mode
+    seventh = run_benchmark(*_reread(root), out, face_models=["dlib:gate=0.5/0.5"], progress=False,
+                            cp_normalisation="exact")
+    assert seventh.rescore_reasons == {"metric settings changed": 2}
+    assert {r["cp_normalisation"] for r in load_results(out)} == {"exact"}
+
 
 def _reread(root: Path):
     bench, m = read_folder_layout(root, method="m")

@@ -4,6 +4,7 @@
 >>> bench, outputs = read_folder_layout("authors_layout/")
 >>> run_benchmark(bench, [outputs], "results/")          # resumable; results.jsonl + cache/
 >>> write_reports("results/")                             # summary.json, report.md, report.html
+>>> generate(bench, "outputs/mine", "mine", MethodSpec("my_pkg.gen:make_image"))   # a method's outputs
 
 Names are imported on first use, so ``withanyone.bench.cli`` (loaded by the top-level CLI) stays light.
 """
@@ -23,6 +24,9 @@ _EXPORTS = {
     "runner": ["run_benchmark", "load_results", "FaceModelSpec", "RunStats"],
     "report": ["summarize", "write_reports"],
     "calibration": ["build_calibration", "calibration_checks", "CALIBRATION_METHODS"],
+    "generate": ["generate", "GenerationSample", "MethodSpec", "GenerateStats", "sample_seed"],
+    "reproduce": ["reproduce", "paper_table", "load_benchmark", "PAPER_TABLE"],
+    "multi_metrics": ["identity_confusion", "count_accuracy", "count_correct", "CP_NORMALISATIONS"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

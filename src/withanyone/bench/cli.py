@@ -1,4 +1,4 @@
-"""``withanyone bench run | convert | report`` (heavy imports stay inside the commands)."""
+"""``withanyone bench run | convert | report | generate | reproduce`` (heavy imports stay inside the commands)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,8 @@ def run_command(
     split: str = typer.Option("train", help="Split, for hub datasets."),
     workers: int = typer.Option(1, help="Processes for face detection (each loads the face model once)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    cp_normalisation: str = typer.Option("release", help="CP angles from x/(‖x‖+1e-6) as the release's evaluator "
+                                                         "(release, default) or from unit vectors (exact)."),
 ) -> None:
     """Score methods on a benchmark and write results.jsonl, summary.json, report.md and report.html."""
     from rich.console import Console
@@ -86,6 +88,8 @@ def run_command(
     if paper_points and not any(_is_arcface_spec(f) for f in face_model):
         fail("--paper-points: the paper's points are ArcFace (buffalo_l) cosines and this run scores with dlib "
              "only, whose cosines are another scale; add an ArcFace face model (-f insightface:...) or drop it")
+    if cp_normalisation not in ("release", "exact"):
+        fail(f"--cp-normalisation {cp_normalisation!r}: expected release or exact")
     methods = []
     try:
         src = Path(bench).expanduser()
@@ -130,7 +134,7 @@ def run_command(
             console.print(f"[yellow]{im.name}: not computed: {escape(str(im.reason))}[/]", soft_wrap=True)
     try:
         stats = run_benchmark(b, methods, out, face_models=face_model, image_metrics=image_metrics,
-                              progress=progress, workers=workers)
+                              progress=progress, workers=workers, cp_normalisation=cp_normalisation)
     except WithAnyoneError as exc:
         fail(str(exc))
     summary = write_reports(out, paper_points=paper_points)
@@ -193,3 +197,111 @@ def report_command(
                  "dlib only, whose cosines are another scale")
     summary = write_reports(out, paper_points=paper_points, gallery=gallery > 0, max_gallery=gallery)
     typer.echo(f"{summary['rows']} rows → {out / 'report.html'}")
+
+
+_GEN_HELP = {
+    "pipeline": "'withanyone' (our pipeline) or module:callable, f(GenerationSample) -> PIL.Image "
+                "(a class is instantiated once per worker); see docs/bench.md.",
+    "tiny": "Use the tiny random pipeline (offline; images are noise) — the whole loop on CPU.",
+    "subset": "Only this subset: p1, p2, p3 or p34 (= p3).",
+    "workers": "CPU workers (Ray actors, one thread each); 1 runs in this process.",
+    "num_gpus": "GPUs to use: one Ray actor per device, each loading the pipeline once.",
+    "address": "Ray cluster address (ray://host:10001); the package must be importable there.",
+}
+
+
+def _spec(pipeline: str, tiny: bool, steps: int | None, guidance: float, base: str, adapter: str):
+    from .generate import MethodSpec
+
+    pretrained = {k: v for k, v in (("base", base), ("adapter", adapter)) if v}
+    return MethodSpec(pipeline=pipeline, tiny=tiny, steps=steps, guidance=guidance, pretrained=pretrained)
+
+
+@app.command("generate")
+def generate_command(
+    bench: str = typer.Argument(..., help="Benchmark: authors' layout folder, parquet file/folder or hub id."),
+    method: str = typer.Option(..., "--method", "-m", help="Method name (the output folder's method)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default bench-gen/<method>); resumable."),
+    pipeline: str = typer.Option("withanyone", help=_GEN_HELP["pipeline"]),
+    tiny: bool = typer.Option(False, help=_GEN_HELP["tiny"]),
+    subset: str = typer.Option("", help=_GEN_HELP["subset"]),
+    limit: int = typer.Option(None, help="At most this many samples (after --subset)."),
+    seed: int = typer.Option(0, help="Base seed; each sample's seed is derived from it and its id."),
+    size: int = typer.Option(None, help="Longer side of the output (GT aspect ratio kept); default 1024, tiny 64."),
+    height: int = typer.Option(None, help="Fixed output height (with --width)."),
+    width: int = typer.Option(None, help="Fixed output width (with --height)."),
+    steps: int = typer.Option(None, help="Sampler steps (default 25; tiny 2)."),
+    guidance: float = typer.Option(4.0, help="FLUX-dev distilled guidance."),
+    base: str = typer.Option("", help="FLUX base (hub id or folder) for --pipeline withanyone."),
+    adapter: str = typer.Option("", help="WithAnyone adapter (hub id, folder or .safetensors)."),
+    workers: int = typer.Option(1, help=_GEN_HELP["workers"]),
+    num_gpus: int = typer.Option(0, "--num-gpus", help=_GEN_HELP["num_gpus"]),
+    address: str = typer.Option("", help=_GEN_HELP["address"]),
+    caption_key: str = typer.Option("prompt", help="Prompt key in meta.json."),
+    split: str = typer.Option("train", help="Split, for hub datasets."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Generate a method's output for every benchmark sample (<out>/<id>.png + <id>.json sidecar)."""
+    from ..errors import WithAnyoneError
+    from .generate import generate
+    from .reproduce import load_benchmark
+
+    try:
+        b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
+        stats = generate(b, out or Path("bench-gen") / method, method,
+                         _spec(pipeline, tiny, steps, guidance, base, adapter), subset=subset or None, limit=limit,
+                         seed=seed, long_side=size or (64 if tiny else 1024), height=height, width=width,
+                         workers=workers, num_gpus=num_gpus, address=address or None, progress=progress)
+    except WithAnyoneError as exc:
+        fail(str(exc))
+    typer.echo(f"{stats.generated} generated, {stats.skipped} already done, {stats.failed} failed "
+               f"({stats.engine}, {stats.workers} worker(s), {stats.seconds:.1f} s) → {out or Path('bench-gen') / method}")
+    for sid, err in stats.failures.items():
+        typer.echo(f"failed {sid}: {err}", err=True)
+
+
+@app.command("reproduce")
+def reproduce_command(
+    bench: str = typer.Argument(..., help="Benchmark: authors' layout folder, parquet file/folder or hub id."),
+    method: str = typer.Option(..., "--method", "-m", help="Method name."),
+    out: Path = typer.Option(Path("bench-reproduce"), "--out", "-o",
+                             help="Folder: outputs/<method>/ (generated) and results/ (scores, reports)."),
+    pipeline: str = typer.Option("withanyone", help=_GEN_HELP["pipeline"]),
+    tiny: bool = typer.Option(False, help=_GEN_HELP["tiny"]),
+    subset: str = typer.Option("", help=_GEN_HELP["subset"]),
+    limit: int = typer.Option(None, help="At most this many samples (after --subset)."),
+    seed: int = typer.Option(0, help="Base seed."),
+    size: int = typer.Option(None, help="Longer side of the output; default 1024, tiny 64."),
+    steps: int = typer.Option(None, help="Sampler steps (default 25; tiny 2)."),
+    guidance: float = typer.Option(4.0, help="FLUX-dev distilled guidance."),
+    base: str = typer.Option("", help="FLUX base (hub id or folder)."),
+    adapter: str = typer.Option("", help="WithAnyone adapter (hub id, folder or .safetensors)."),
+    workers: int = typer.Option(1, help=_GEN_HELP["workers"]),
+    num_gpus: int = typer.Option(0, "--num-gpus", help=_GEN_HELP["num_gpus"]),
+    address: str = typer.Option("", help=_GEN_HELP["address"]),
+    face_model: list[str] = typer.Option(["dlib"], "--face-model", "-f", help="Face model spec, repeatable."),
+    cp_normalisation: str = typer.Option("release", help="release (‖x‖+1e-6, as the release's evaluator) | exact."),
+    caption_key: str = typer.Option("prompt", help="Prompt key in meta.json."),
+    split: str = typer.Option("train", help="Split, for hub datasets."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Generate → score → report in one command, ending with the paper's table layout."""
+    from rich.console import Console
+
+    from ..errors import WithAnyoneError
+    from .reproduce import load_benchmark, reproduce
+
+    if cp_normalisation not in ("release", "exact"):
+        fail(f"--cp-normalisation {cp_normalisation!r}: expected release or exact")
+    try:
+        b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
+        stats, summary, table = reproduce(
+            b, method, out, _spec(pipeline, tiny, steps, guidance, base, adapter), face_models=face_model,
+            cp_normalisation=cp_normalisation, progress=progress, subset=subset or None, limit=limit, seed=seed,
+            long_side=size or (64 if tiny else 1024), workers=workers, num_gpus=num_gpus, address=address or None)
+    except WithAnyoneError as exc:
+        fail(str(exc))
+    console = Console()
+    console.print(f"generated {stats.generated}, reused {stats.skipped}, failed {stats.failed}")
+    typer.echo(table)
+    console.print(f"report: {out / 'results' / 'report.html'}")

@@ -36,8 +36,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / n if n > 1e-12 else x
 
 
-def angle(a: np.ndarray, b: np.ndarray) -> float:
-    """Angle θ (radians) between two embeddings: ``arccos`` of their cosine clipped to [−1, 1]."""
+def angle(a: np.ndarray, b: np.ndarray, normalisation: str = "exact") -> float:
+    """Angle θ (radians) between two embeddings: ``arccos`` of their cosine clipped to [−1, 1]; with
+    ``normalisation="release"`` each vector is divided by ``‖x‖ + 1e-6`` first, as the release's evaluator does."""
+    if normalisation != "exact":
+        from .multi_metrics import normalise
+
+        return float(np.arccos(np.clip(np.dot(normalise(a, normalisation), normalise(b, normalisation)), -1.0, 1.0)))
     return float(np.arccos(np.clip(np.dot(_unit(a), _unit(b)), -1.0, 1.0)))
 
 
@@ -49,16 +54,18 @@ def match_faces(a: np.ndarray, b: np.ndarray) -> tuple[list[tuple[int, int]], np
     return hungarian_match(np.asarray(a), np.asarray(b))
 
 
-def copy_paste_score(g: np.ndarray, t: np.ndarray, r: np.ndarray, eps: float = CP_EPS) -> float:
+def copy_paste_score(g: np.ndarray, t: np.ndarray, r: np.ndarray, eps: float = CP_EPS,
+                     normalisation: str = "exact") -> float:
     """The paper's copy-paste score of one face: ``(θ(g,t) − θ(g,r)) / θ(t,r)``; 0 when ``θ(t,r) < eps``.
 
     ``g`` generated face, ``t`` ground-truth face, ``r`` reference face (embeddings of one face model).
-    −1: the output is the GT identity; +1: the output copies the reference.
+    −1: the output is the GT identity; +1: the output copies the reference. ``normalisation`` ``"release"``
+    reproduces the release's evaluator (vectors divided by ``‖x‖ + 1e-6``; see ``multi_metrics``).
     """
-    theta_tr = angle(t, r)
+    theta_tr = angle(t, r, normalisation)
     if theta_tr < eps:
         return 0.0
-    return (angle(g, t) - angle(g, r)) / theta_tr
+    return (angle(g, t, normalisation) - angle(g, r, normalisation)) / theta_tr
 
 
 def robust_mean(values: Sequence[float] | np.ndarray) -> float:
@@ -149,7 +156,8 @@ def _unmatched_mean(sim: np.ndarray, pairs: list[tuple[int, int]]) -> float | No
     return float(sim[mask].mean()) if mask.any() else None
 
 
-def score_faces(out: np.ndarray, gt: np.ndarray | None, refs: np.ndarray | None) -> FaceScores:
+def score_faces(out: np.ndarray, gt: np.ndarray | None, refs: np.ndarray | None,
+                cp_normalisation: str = "exact") -> FaceScores:
     """Score generated-face embeddings ``out`` (N, D) against GT faces (M, D) and reference faces (R, D).
 
     Pairings as in the paper: generated↔GT and generated↔reference each by Hungarian matching on −cosine;
@@ -176,7 +184,7 @@ def score_faces(out: np.ndarray, gt: np.ndarray | None, refs: np.ndarray | None)
         g2t, g2r = dict(gt_pairs), dict(ref_pairs)
         for i in range(len(out)):
             if i in g2t and i in g2r:
-                cp_faces[i] = copy_paste_score(out[i], gt[g2t[i]], refs[g2r[i]])
+                cp_faces[i] = copy_paste_score(out[i], gt[g2t[i]], refs[g2r[i]], normalisation=cp_normalisation)
     vals = [c for c in cp_faces if c is not None]
     cp = float(np.mean(vals)) if vals else None
     return FaceScores(sim_gt, sim_ref, gt_un, ref_un, cp, cp_faces, gt_pairs, ref_pairs)

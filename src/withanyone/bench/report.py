@@ -26,11 +26,14 @@ from .samples import SUBSETS
 #: Metrics in the leaderboard, in order, with their labels.
 METRICS = {
     "sim_gt": "Sim(GT)", "sim_ref": "Sim(Ref)", "cp": "CP (gated)", "cp_all": "CP (all)",
-    "sim_ref_unmatched": "Sim(Ref) unmatched", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "aesthetic": "Aesthetic",
+    "sim_ref_unmatched": "Sim(Ref) unmatched", "count_acc": "Count acc.", "identity_confusion": "ID confusion",
+    "clip_i": "CLIP-I", "clip_t": "CLIP-T", "aesthetic": "Aesthetic",
 }
 #: Published single-person points (Sim(GT), CP) from the paper (insightface buffalo_l), for context only.
 PAPER_POINTS = {"WithAnyone": (0.460, 0.144), "InstantID": (0.464, 0.337), "PuLID": (0.452, 0.315),
                 "UMO": (0.458, 0.359), "UniPortrait": (0.447, 0.265), "reference-as-output": (0.521, 1.0)}
+#: Published multi-person points (Sim(GT), CP): WithAnyone on two persons and on three–four persons.
+PAPER_POINTS_MULTI = {"p2": {"WithAnyone": (0.405, 0.161)}, "p3": {"WithAnyone": (0.414, 0.171)}}
 IMAGE_METRICS = ("clip_i", "clip_t", "aesthetic")
 #: Labels of metrics that appear only in notes.
 NOTE_LABELS = {"fid": "FID"}
@@ -92,7 +95,8 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
                        and (sub == "all" or r["subset"] == sub)]
                 entry: dict[str, Any] = {"samples": len(sel), "failed": sum(r["status"] != "ok" for r in sel)}
                 for metric in METRICS:
-                    vals = [v for r in sel if r["status"] == "ok" and (v := _value(r, metric)) is not None]
+                    vals = [v for r in sel if (r["status"] == "ok" or metric == "count_acc")
+                            and (v := _value(r, metric)) is not None]
                     entry[metric] = aggregate(vals).to_dict() if vals else None
                 entry["cp_gated_out"] = sum(1 for r in sel if r.get("cp") is not None and not r.get("cp_gate_pass"))
                 board[sub][fm][meth] = entry
@@ -129,7 +133,7 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
         "subsets": subsets, "rows": len(rows), "sample_ids": sorted({r["sample"] for r in rows}), "leaderboard": board, "failures": failures, "issues": issues,
         "problem_counts": dict(sorted(reasons.items())), "not_computed": not_computed,
-        "extra": cfg.get("extra", {}), "gates": {f["name"]: f["gate"] for f in cfg.get("face_models", [])},
+        "extra": cfg.get("extra", {}), "cp_normalisation": cfg.get("cp_normalisation", "exact"), "gates": {f["name"]: f["gate"] for f in cfg.get("face_models", [])},
     }
 
 
@@ -177,10 +181,11 @@ def tradeoff_plot(summary: dict[str, Any], face_model: str, paper_points: bool =
                         mfc=f"C{k % 10}" if gated else "white", capsize=3, label=meth)
             ax.annotate(meth if gated else f"{meth} (ungated)", (x, y), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
-        if paper_points and sub == "p1":
-            xs, ys = zip(*PAPER_POINTS.values(), strict=False)
+        pts = PAPER_POINTS if sub == "p1" else PAPER_POINTS_MULTI.get(sub, {})
+        if paper_points and pts:
+            xs, ys = zip(*pts.values(), strict=False)
             ax.scatter(xs, ys, marker="x", color="grey", label="published (paper, buffalo_l)")
-            for name, (x, y) in PAPER_POINTS.items():
+            for name, (x, y) in pts.items():
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
         ax.axhline(0, color="#bbb", lw=0.8)
         ax.set_xlabel("Sim(GT) ↑")
@@ -265,6 +270,12 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     for k, v in summary.get("not_computed", {}).items():
         out.append(f"- {METRICS.get(k, NOTE_LABELS.get(k, k))}: {v}")
     out.append("- References are padded to a black square 1.5× their longer side before detection.")
+    if summary.get("cp_normalisation") == "release":
+        out.append("- CP as the release's evaluator computes it: each embedding divided by ‖x‖ + 1e-6 before the "
+                   "angles (`--cp-normalisation release`, the default, so numbers compare with the paper's).")
+    else:
+        out.append("- CP with exact unit vectors (`--cp-normalisation exact`); the release's evaluator divides by "
+                   "‖x‖ + 1e-6, which moves CP by up to ~1.5e-3.")
     return out + [""]
 
 
@@ -305,7 +316,8 @@ function sortGallery(col){
 """
 
 
-def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[dict[str, Any]] | None) -> str:
+def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[dict[str, Any]] | None,
+                extra_html: str = "") -> str:
     """The self-contained HTML report (inline CSS, JS and base64 images; all text escaped)."""
     e = html.escape
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -356,7 +368,13 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
         total = len({f["sample"] for f in summary["failures"]} | {g["sample"] for g in gallery}
                     | set(summary.get("sample_ids", [])))
         parts.append(_gallery_html(gallery, summary["methods"], total))
-    parts.append(f"<script>{_JS}</script></body></html>")
+    parts.append(extra_html)
+    if extra_html:
+        from .explorer import EXPLORER_JS
+
+        parts.append(f"<script>{_JS}{EXPLORER_JS}</script></body></html>")
+    else:
+        parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
 
 
@@ -450,5 +468,8 @@ def write_reports(out_dir: str | Path, paper_points: bool = False, gallery: bool
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "report.md", render_markdown(summary, plot_files))
     gal = build_gallery(out_dir, models[0], max_gallery) if gallery and models else None
-    atomic_write_text(out_dir / "report.html", render_html(summary, plots, gal))
+    from .explorer import explorer_html
+
+    extra = explorer_html(out_dir, models[0], max_gallery) if gallery and models else ""
+    atomic_write_text(out_dir / "report.html", render_html(summary, plots, gal, extra))
     return summary

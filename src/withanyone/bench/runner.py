@@ -132,11 +132,12 @@ def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def metric_settings(model: FaceModel, image_metrics: Sequence[Any] = ()) -> str:
-    """Fingerprint of the settings a row's numbers depend on besides its images: the CP gate, the reference
-    padding and each image metric with its model (or that it was not computed)."""
-    return _short_hash({"gate": list(model.gate), "ref_pad": REF_PAD, "metrics": {
-        im.name: getattr(im, "model_name", None) if im.available else None for im in image_metrics}})
+def metric_settings(model: FaceModel, image_metrics: Sequence[Any] = (), cp_normalisation: str = "release") -> str:
+    """Fingerprint of the settings a row's numbers depend on besides its images: the CP gate and normalisation,
+    the reference padding and each image metric with its model (or that it was not computed)."""
+    return _short_hash({"gate": list(model.gate), "ref_pad": REF_PAD, "cp_normalisation": cp_normalisation,
+                        "metrics": {im.name: getattr(im, "model_name", None) if im.available else None
+                                    for im in image_metrics}})
 
 
 def row_inputs(sample: Sample, method: MethodOutputs, model: FaceModel, digests: FileDigests,
@@ -189,7 +190,8 @@ def path_missing(res: CachedFaces) -> bool:
 
 
 def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces, gt: CachedFaces | None,
-                 refs: list[CachedFaces], ref_issues: list[str], output_path: Path | None) -> dict[str, Any]:
+                 refs: list[CachedFaces], ref_issues: list[str], output_path: Path | None,
+                 cp_normalisation: str = "release") -> dict[str, Any]:
     """One result row: the output's identity scores against GT and references, or why it has none."""
     row: dict[str, Any] = {
         "sample": sample.id, "method": method, "face_model": model.name, "subset": sample.subset,
@@ -198,6 +200,7 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         "out_boxes": [], "gt_boxes": [], "ref_boxes": [r.boxes[:1] for r in refs],
         "sim_gt": None, "sim_ref": None, "sim_gt_unmatched": None, "sim_ref_unmatched": None,
         "cp": None, "cp_faces": [], "cp_gate_pass": None, "count_mismatch": False,
+        "cp_normalisation": cp_normalisation, "count_acc": None, "identity_confusion": None, "confusion_faces": [],
     }
     if sample.meta.get("_meta_error"):
         row["issues"].append(str(sample.meta["_meta_error"]))
@@ -207,6 +210,7 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
             row["reason"] = out.error
         else:
             row["reason"] = ("output unreadable: " + out.error) if out.error else "no face in output"
+            row["count_acc"] = False if not out.error else None
         return row
     row["out_faces"] = len(out.faces)
     row["out_boxes"] = out.boxes
@@ -231,10 +235,27 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         row["count_mismatch"] = True
         row["issues"].append(f"face-count mismatch: output has {len(out.faces)} faces, expected "
                              f"{sample.num_persons}")
-    s = score_faces(out.embeddings, gt_emb, np.stack(ref_emb) if ref_emb else None)
+    row["count_acc"] = not row["count_mismatch"]
+    from ..faces.identity import cosine_matrix
+
+    s = score_faces(out.embeddings, gt_emb, np.stack(ref_emb) if ref_emb else None, cp_normalisation)
+    if len(ref_emb) == sample.num_persons:
+        from .multi_metrics import identity_confusion, person_boxes_for
+
+        people = person_boxes_for(sample.boxes, gt.size if gt is not None and not gt.error else None, out.size,
+                                  gt.boxes if gt_emb is not None else None, gt_emb, np.stack(ref_emb))
+        if people is not None and len(people) == len(ref_emb):
+            conf, per_face = identity_confusion(out.embeddings, out.boxes, people, np.stack(ref_emb))
+            row.update(identity_confusion=conf, confusion_faces=per_face, person_boxes=people)
     row.update(sim_gt=s.sim_gt, sim_ref=s.sim_ref, sim_gt_unmatched=s.sim_gt_unmatched,
                sim_ref_unmatched=s.sim_ref_unmatched, cp_faces=s.cp_faces,
                gt_pairs=s.gt_pairs, ref_pairs=s.ref_pairs)
+    if gt_emb is not None:  # per generated face: cosine to its matched GT face / reference (the explorer's values)
+        cm = cosine_matrix(out.embeddings, gt_emb)
+        row["face_sim_gt"] = [float(cm[i, j]) for i, j in s.gt_pairs]
+    if ref_emb:
+        cm = cosine_matrix(out.embeddings, np.stack(ref_emb))
+        row["face_sim_ref"] = [float(cm[i, j]) for i, j in s.ref_pairs]
     # CP needs one GT face and one reference per generated face: a count mismatch or a missing reference
     # makes the triples ambiguous, so such samples feed Sim(GT)/Sim(Ref) but not CP.
     if s.cp is not None and not row["count_mismatch"] and len(ref_emb) == sample.num_persons:
@@ -247,16 +268,22 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
 
 def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: str | Path,
                   face_models: Sequence[str | FaceModelSpec] = ("dlib",), image_metrics: Sequence[Any] = (),
-                  progress: bool = True, max_rows: int | None = None, workers: int = 1) -> RunStats:
+                  progress: bool = True, max_rows: int | None = None, workers: int = 1,
+                  cp_normalisation: str = "release") -> RunStats:
     """Score ``methods`` on ``bench`` into ``out_dir`` (results.jsonl, cache/, run.json); resumable.
 
     ``image_metrics`` are objects with ``name``, ``available``/``reason`` and ``score(sample, output) -> dict``
     (CLIP-I/T, aesthetics); their values are stored on every row of that (sample, method).
     ``max_rows`` stops after writing that many new rows (for tests and partial runs). ``workers`` > 1 first
     computes the faces of every image still missing from the cache in that many processes.
+    ``cp_normalisation``: ``"release"`` (default: vectors divided by ‖x‖ + 1e-6 before the angles, as the
+    release's evaluator) or ``"exact"`` (unit vectors); rows scored the other way are scored again.
     """
     from ..progress import track
+    from .multi_metrics import CP_NORMALISATIONS
 
+    if cp_normalisation not in CP_NORMALISATIONS:
+        raise ValueError(f"cp_normalisation {cp_normalisation!r}: expected one of {', '.join(CP_NORMALISATIONS)}")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,7 +301,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         "face_models": [{"name": m.name, "backend": m.analyzer.backend_name, "key": m.cache.key,
                          "threshold": m.analyzer.threshold, "gate": list(m.gate)} for m in models],
         "image_metrics": {im.name: (None if im.available else im.reason) for im in image_metrics},
-        "reference_padding": REF_PAD,
+        "reference_padding": REF_PAD, "cp_normalisation": cp_normalisation,
     })
     samples_path = out_dir / "samples.json"
     known = json.loads(samples_path.read_text()) if samples_path.is_file() else {}
@@ -284,7 +311,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
     stats = RunStats()
     image_memo: dict[tuple[str, str], dict[str, Any]] = {}
     digests = FileDigests(out_dir / "cache" / "digests.json")
-    settings = {fm.name: metric_settings(fm, image_metrics) for fm in models}
+    settings = {fm.name: metric_settings(fm, image_metrics, cp_normalisation) for fm in models}
     todo: list[tuple[Sample, MethodOutputs, FaceModel, dict[str, Any]]] = []
     reasons: Counter[str] = Counter()
     for s in bench:
@@ -323,7 +350,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         gt, refs, ref_issues = ctx
         path = method.outputs.get(sample.id)
         out = fm.cache.faces(path) if path is not None else CachedFaces(None, error="no output for this sample")
-        row = score_output(sample, method.name, fm, out, gt, refs, ref_issues, path)
+        row = score_output(sample, method.name, fm, out, gt, refs, ref_issues, path, cp_normalisation)
         if image_metrics and path is not None and not out.error:
             memo = image_memo.get((sample.id, method.name))
             if memo is None:
