@@ -32,5 +32,6 @@ def bench_results(faces: Path, out: Path) -> Path:
                     gt=faces / "group" / "1.jpg", num_persons=2, subset="p2")
     bench = Benchmark("mini", [sample])
     methods = [MethodOutputs("gt-copy", {"duo": faces / "group" / "1.jpg"}), MethodOutputs("mirrored", {"duo": mirrored})]
-    run_benchmark(bench, methods, out, face_models=["dlib"], progress=False)
+    # exact unit vectors: the GT copy's CP is exactly −1 (the release's default normalisation gives −0.993 with dlib)
+    run_benchmark(bench, methods, out, face_models=["dlib"], progress=False, cp_normalisation="exact")
     return out
