@@ -51,6 +51,7 @@ class TrainConfig:
     reference_shards: str | None = None  # ref/tars (phase 3 pairs)
     negative_pool: str | None = None  # negatives.safetensors (extended InfoNCE negatives)
     resolution: int = 512
+    aspect_buckets: bool = False  # crop to the nearest aspect-ratio bucket (~resolution² px); batches single-bucket
     max_faces: int = 4
     landmark_backend: str | None = None  # "insightface" / "dlib": detect GT landmarks when labels lack them
     landmark_pack: str | None = None  # insightface pack (name or folder) for landmark_backend="insightface"

@@ -11,12 +11,20 @@ worker (1–4 people per image, ``people`` mask), tags each with its slot and st
 :func:`batch_loader` hands them to the training process in a fixed round-robin slot order, so a run is
 reproducible for a given worker count and resumes by *skipping* each slot's consumed raw entries without
 decoding them.
+
+Aspect-ratio buckets (``buckets``, off by default: the release trains square crops): each sample is cropped
+to the bucket nearest its photo's aspect ratio (:func:`aspect_buckets`, :func:`bucket_crop`), and
+:class:`BatchStream` keeps one pending queue per bucket in each worker, emitting a batch when a queue
+holds ``batch_size`` samples, so every batch holds one bucket only. Each such batch also records the
+stream positions of the samples still pending in the worker's other queues; a resume re-reads (and
+re-decodes) exactly those entries, so the queues are rebuilt as they were, and skips the rest undecoded.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,11 +39,14 @@ from torch.utils.data import IterableDataset
 
 logger = logging.getLogger(__name__)
 
+#: Aspect ratios (width:height) of the buckets: square, 4:3, 3:2, 16:9 and their portrait twins.
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
+
 #: Paired references (facts §3): try up to 20 random references, stop early above 0.8, reject below 0.6.
 PAIR_TRIES, PAIR_EARLY_STOP, PAIR_MIN = 20, 0.8, 0.6
 
 __all__ = ["TrainSample", "TrainBatch", "MultiIDTrainDataset", "BatchStream", "batch_loader", "square_crop",
-           "count_prompt", "load_reference_bank", "iter_batches", "collate"]
+           "ASPECT_RATIOS", "aspect_buckets", "nearest_bucket", "bucket_crop", "count_prompt", "load_reference_bank", "iter_batches", "collate"]
 
 
 @dataclass
@@ -43,7 +54,7 @@ class TrainSample:
     """One training image at the training resolution with its faces (pixels of the crop)."""
 
     key: str
-    pixels: torch.Tensor  # [3, R, R] float in [-1, 1]
+    pixels: torch.Tensor  # [3, R, R] float in [-1, 1] ([3, H, W]: the sample's bucket, with buckets on)
     boxes: np.ndarray  # [N, 4] x1, y1, x2, y2
     landmarks: np.ndarray  # [N, 5, 2] ArcFace order
     references: np.ndarray  # [N, D] embeddings fed to the adapter, at their stored (raw insightface) norm
@@ -70,6 +81,8 @@ class TrainBatch:
     #: where this batch ends in its worker's stream: (slot, epoch, raw entries read this epoch)
     position: tuple[int, int, int] | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # the worker's cumulative skip counts
+    #: buckets on: (epoch, raw position) of the samples still pending in the worker's other bucket queues
+    pending: list[list[int]] | None = None
     face_crops: list[list[np.ndarray]] | None = None  # per image, per real face: SigLIP's input crop
 
     @property
@@ -113,10 +126,54 @@ def square_crop(size: tuple[int, int], boxes: np.ndarray) -> tuple[float, float,
     return place(ux1, ux2, w), place(uy1, uy2, h), side
 
 
-def _crop_resize(image: np.ndarray, x0: float, y0: float, side: float, res: int) -> np.ndarray:
+def aspect_buckets(resolution: int, ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> list[tuple[int, int]]:
+    """(height, width) of each bucket: about ``resolution``² pixels at each ratio, sides multiples of 16 (deduplicated)."""
+    out: list[tuple[int, int]] = []
+    for rw, rh in ratios:
+        r = math.sqrt(rw / rh)
+        hw = (max(16, round(resolution / r / 16) * 16), max(16, round(resolution * r / 16) * 16))
+        if hw not in out:
+            out.append(hw)
+    return out
+
+
+def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is nearest (in log ratio) to a ``(w, h)`` photo's."""
+    w, h = size
+    a = math.log(w / h)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - a))
+
+
+def bucket_crop(size: tuple[int, int], boxes: np.ndarray, aspect: float) -> tuple[float, float, float, float]:
+    """(x0, y0, width, height) of a window of aspect ``aspect`` (w/h) keeping every face box inside.
+
+    The window is the largest of that aspect inside the image, centred on the faces' union and shifted
+    to stay inside; if the union does not fit, the window grows (same aspect) just enough to hold it and
+    reaches outside the image (padded with black), so no face is cut.
+    """
+    w, h = size
+    ux1, uy1 = float(boxes[:, 0].min()), float(boxes[:, 1].min())
+    ux2, uy2 = float(boxes[:, 2].max()), float(boxes[:, 3].max())
+    cw = min(float(w), h * aspect)
+    ch = cw / aspect
+    grow = max(1.0, (ux2 - ux1) / cw, (uy2 - uy1) / ch)
+    cw, ch = cw * grow, ch * grow
+
+    def place(lo: float, hi: float, extent: float, side: float) -> float:
+        start = (lo + hi) / 2 - side / 2
+        if side <= extent:
+            return min(max(start, 0.0), extent - side)
+        return min(max(start, extent - side), 0.0)  # window larger than this axis: keep the faces, cover the image
+
+    return place(ux1, ux2, w, cw), place(uy1, uy2, h, ch), cw, ch
+
+
+def _crop_resize(image: np.ndarray, x0: float, y0: float, side: float, res: int,
+                 out: tuple[int, int] | None = None) -> np.ndarray:
     s = res / side
     coeffs = (1 / s, 0.0, x0, 0.0, 1 / s, y0)  # output pixel → input pixel
-    im = Image.fromarray(image).transform((res, res), Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=(0, 0, 0))
+    im = Image.fromarray(image).transform(out or (res, res), Image.AFFINE, coeffs, resample=Image.BICUBIC,
+                                          fillcolor=(0, 0, 0))
     return np.asarray(im)
 
 
@@ -162,7 +219,8 @@ class MultiIDTrainDataset(IterableDataset):
                  min_aesthetics: float | None = None, landmark_detector: Any = None, seed: int = 0,
                  shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
                  epochs: int | None = None, start: dict[int, tuple[int, int]] | None = None,
-                 siglip_crop: int | None = None):
+                 siglip_crop: int | None = None, buckets: Sequence[tuple[int, int]] | None = None,
+                 pending: dict[int, Sequence[Sequence[int]]] | None = None):
         self.shards = shards
         self.resolution = int(resolution)
         self.max_faces = max_faces
@@ -182,6 +240,10 @@ class MultiIDTrainDataset(IterableDataset):
         self.siglip_crop = siglip_crop
         #: slot → (epoch, raw entries already consumed in it): resume skips them without decoding
         self.start = dict(start or {})
+        #: (height, width) aspect-ratio buckets (None: square ``resolution`` crops, the release's)
+        self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
+        #: slot → (epoch, raw position) of entries before ``start`` that resume re-reads (pending in a bucket)
+        self.pending = {int(k): {(int(e), int(p)) for e, p in v} for k, v in (pending or {}).items()}
         #: reason → number of samples skipped (this process / worker)
         self.skipped: Counter[str] = Counter()
         #: slot → that worker's latest skip counts, as seen by :func:`batch_loader` in the training process
@@ -218,8 +280,11 @@ class MultiIDTrainDataset(IterableDataset):
         slot = info.id if info is not None else 0
         rank = self.rank if self.rank is not None else _node_rank()
         urls = _urls(self.shards)
-        epoch, skip = self.start.get(slot, (0, 0))
+        resume_epoch, skip = self.start.get(slot, (0, 0))
+        replay = self.pending.get(slot, set())
+        epoch = min([resume_epoch, *(e for e, _ in replay)])  # a pending entry may lie in an earlier epoch
         while self.epochs is None or epoch < self.epochs:
+            done = skip if epoch == resume_epoch else (0 if epoch > resume_epoch else math.inf)
             order = list(urls)
             if self.shuffle_buffer > 1:
                 random.Random(f"{self.seed}:{epoch}").shuffle(order)  # same order on every rank, then split
@@ -227,16 +292,17 @@ class MultiIDTrainDataset(IterableDataset):
             produced = raw = 0
             for pos, d in enumerate(self._raw(self._split(order), rng), start=1):
                 raw = pos
-                if pos <= skip:
+                if pos <= done and (epoch, pos) not in replay:
                     continue  # consumed before the checkpoint: read past, never decoded
                 sample = self._build(d, parse_sample, random.Random(f"{self.seed}:{epoch}:{rank}:{slot}:{pos}"))
                 if sample is not None:
-                    produced += 1
+                    if pos > done:
+                        produced += 1
                     self.used += 1
                     yield sample, (slot, epoch, pos)
-            if produced == 0 and (skip == 0 or raw <= skip):
+            if epoch >= resume_epoch and produced == 0 and (done == 0 or raw < done):
                 return  # nothing usable (or no shard for this worker): stop instead of spinning forever
-            epoch, skip = epoch + 1, 0
+            epoch += 1
 
     def _entries(self, urls: list[str]) -> Iterator[dict]:
         """Raw webdataset dicts shard by shard; a torn or unreadable shard loses only its remainder.
@@ -298,13 +364,20 @@ class MultiIDTrainDataset(IterableDataset):
         if landmarks is None:
             return self._skip("no_landmarks")
         h, w = image.shape[:2]
-        x0, y0, side = square_crop((w, h), s.bboxes)
-        scale = self.resolution / side
-        pixels = _crop_resize(image, x0, y0, side, self.resolution)
+        if self.buckets:
+            out_h, out_w = nearest_bucket((w, h), self.buckets)
+            x0, y0, side, _ = bucket_crop((w, h), s.bboxes, out_w / out_h)
+            scale = out_w / side
+            pixels = _crop_resize(image, x0, y0, side, out_w, (out_w, out_h))
+        else:
+            x0, y0, side = square_crop((w, h), s.bboxes)
+            out_h = out_w = self.resolution
+            scale = self.resolution / side
+            pixels = _crop_resize(image, x0, y0, side, self.resolution)
         shift = np.array([x0, y0], np.float32)
         boxes = ((s.bboxes.reshape(n, 2, 2) - shift) * scale).reshape(n, 4).astype(np.float32)
         lms = ((landmarks - shift) * scale).astype(np.float32)
-        boxes = np.clip(boxes, 0, self.resolution)
+        boxes = np.clip(boxes, 0, [out_w, out_h, out_w, out_h])
         if np.any(boxes[:, 2] - boxes[:, 0] < 1) or np.any(boxes[:, 3] - boxes[:, 1] < 1):
             return self._skip("face_outside_crop")
         stored = np.asarray(s.embeddings, np.float32)
@@ -429,7 +502,8 @@ class _SlotEnd:
 
 
 class BatchStream(IterableDataset):
-    """Padded batches collated inside each DataLoader worker, tagged with slot, stream position and skips."""
+    """Padded batches collated inside each DataLoader worker, tagged with slot, stream position and skips
+    (with buckets: one queue per bucket, single-bucket batches, and the other queues' pending positions)."""
 
     def __init__(self, dataset: MultiIDTrainDataset, batch_size: int):
         self.dataset, self.batch_size = dataset, int(batch_size)
@@ -437,6 +511,9 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[TrainBatch | _SlotEnd]:
         info = torch.utils.data.get_worker_info()
         slot = info.id if info is not None else 0
+        if self.dataset.buckets:
+            yield from self._bucketed(slot)
+            return
         buf: list[TrainSample] = []
         for sample, pos in self.dataset.stream():
             buf.append(sample)
@@ -444,6 +521,19 @@ class BatchStream(IterableDataset):
                 batch = collate(buf)
                 batch.position, batch.skipped = pos, dict(self.dataset.skipped)
                 buf = []
+                yield batch
+        yield _SlotEnd(slot, dict(self.dataset.skipped))
+
+    def _bucketed(self, slot: int) -> Iterator[TrainBatch | _SlotEnd]:
+        queues: dict[tuple[int, ...], list[tuple[TrainSample, list[int]]]] = {}
+        for sample, pos in self.dataset.stream():
+            queue = queues.setdefault(tuple(sample.pixels.shape[-2:]), [])
+            queue.append((sample, [pos[1], pos[2]]))
+            if len(queue) == self.batch_size:
+                batch = collate([x for x, _ in queue])
+                queue.clear()
+                batch.position, batch.skipped = pos, dict(self.dataset.skipped)
+                batch.pending = sorted(p for q in queues.values() for _, p in q)
                 yield batch
         yield _SlotEnd(slot, dict(self.dataset.skipped))
 

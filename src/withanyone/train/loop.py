@@ -26,7 +26,13 @@ import torch
 
 from withanyone.io import append_jsonl, atomic_write_json
 from withanyone.train.config import ConfigError, TrainConfig
-from withanyone.train.data import MultiIDTrainDataset, TrainBatch, batch_loader, load_reference_bank
+from withanyone.train.data import (
+    MultiIDTrainDataset,
+    TrainBatch,
+    aspect_buckets,
+    batch_loader,
+    load_reference_bank,
+)
 from withanyone.train.losses import (
     flow_matching_loss,
     id_gate,
@@ -50,7 +56,8 @@ TRAINABLE_PREFIXES = BRANCH_PREFIXES["arc"]
 BRANCH_WEIGHTS = {"arc": (1.0, 0.0), "sig": (0.0, 1.0), "both": (1.0, 1.0)}
 #: Config fields that fix the data order and step randomness; changing them on resume is allowed but inexact.
 RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "train_shards", "resolution", "phase",
-               "shuffle_buffer", "paired_ratio", "text_dropout", "prompt_mode", "t_sampling", "num_workers")
+               "shuffle_buffer", "paired_ratio", "text_dropout", "prompt_mode", "t_sampling", "num_workers",
+               "aspect_buckets")
 ADAPTER_FILE = "withanyone.safetensors"
 STATE_FILE = "trainer_state.safetensors"
 
@@ -223,7 +230,7 @@ def compute_losses(batch: TrainBatch, parts: TrainComponents, config: TrainConfi
     model = model if model is not None else IdentityDenoiser(parts.adapter, transformer)
     device = next(transformer.parameters()).device
     wdtype = next(vae.parameters()).dtype
-    bsz, res = batch.pixels.shape[0], batch.pixels.shape[-1]
+    bsz, (height, width) = batch.pixels.shape[0], batch.pixels.shape[-2:]
     autocast = autocast or contextlib.nullcontext
 
     with torch.no_grad():
@@ -247,7 +254,7 @@ def compute_losses(batch: TrainBatch, parts: TrainComponents, config: TrainConfi
     siglip = _siglip_features(batch, parts, device) if config.branch != "arc" else None
     v = model(packed.to(wdtype), t.to(wdtype), guidance, pooled.to(wdtype), embeds.to(wdtype), txt_ids, img_ids,
               batch.references.to(device, torch.float32), torch.as_tensor(batch.boxes, dtype=torch.float64),
-              people, res, res, siglip, id_w, sig_w)
+              people, height, width, siglip, id_w, sig_w)
     v = v.float()
     flow = flow_matching_loss(v, FluxPipeline._pack_latents(x0, bsz, c, h, w),
                               FluxPipeline._pack_latents(noise, bsz, c, h, w))
@@ -259,7 +266,7 @@ def compute_losses(batch: TrainBatch, parts: TrainComponents, config: TrainConfi
     total_faces = int(people.sum())
     if len(active) and total_faces and (config.lambda_id or config.lambda_cl):
         x0_hat = predicted_x0(packed, t, v)[active]
-        lat_hat = FluxPipeline._unpack_latents(x0_hat, res, res, pipe.vae_scale_factor)
+        lat_hat = FluxPipeline._unpack_latents(x0_hat, height, width, pipe.vae_scale_factor)
         lat_hat = lat_hat / vae.config.scaling_factor + vae.config.shift_factor
         with autocast():
             decoded = vae.decode(lat_hat.to(wdtype), return_dict=False)[0].float()
@@ -503,11 +510,11 @@ def _usable(batch: TrainBatch, adapter: Any) -> bool:
     batch is skipped on its rank alone without desynchronising the others)."""
     from withanyone.model import IdentityInputError, InvalidBoxError
 
-    res = int(batch.pixels.shape[-1])
+    height, width = (int(v) for v in batch.pixels.shape[-2:])
     boxes = torch.as_tensor(batch.boxes, dtype=torch.float64).clone()
     boxes[~batch.mask] = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     try:
-        adapter._validate(batch.references, None, boxes, res, res, 1.0, 0.0, None)
+        adapter._validate(batch.references, None, boxes, height, width, 1.0, 0.0, None)
     except (IdentityInputError, InvalidBoxError) as exc:
         logger.warning("skipping batch %s: %s", batch.keys, exc)
         return False
@@ -575,7 +582,8 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
         meta = load_checkpoint(ckpt, adapter, optimizer.optimizer, scheduler, model=model)
         step = int(meta["step"])
         extra = meta["extra"]
-        changed = {k for k in RESUME_KEYS if meta["config"].get(k) != getattr(config, k)}
+        changed = {k for k in RESUME_KEYS  # a key older checkpoints lack had its default then
+                   if meta["config"].get(k, getattr(TrainConfig, k, None)) != getattr(config, k)}
         if extra.get("world_size", 1) != world:
             changed.add("world_size")
         if changed:  # still resumes, but the data order (hence bit-exactness) differs from an uninterrupted run
@@ -646,7 +654,7 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
                 consumed += 1
                 if b.position is not None:
                     slot, epoch, pos = b.position
-                    slots[str(slot)] = [epoch, pos]
+                    slots[str(slot)] = [epoch, pos] if b.pending is None else [epoch, pos, b.pending]
                     next_slot = (slot + 1) % slots_per_rank
             trained = True
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -704,6 +712,7 @@ def _data(config: TrainConfig, adapter: Any, accelerator: Any, position: dict[st
         opts = {"pack": config.landmark_pack} if config.landmark_pack else {}
         detector = FaceAnalyzer(config.landmark_backend, **opts)
     start = {int(k): (int(v[0]), int(v[1])) for k, v in position.get("slots", {}).items()}
+    pending = {int(k): v[2] for k, v in position.get("slots", {}).items() if len(v) > 2}  # bucket queues
     from withanyone.pipeline.references import CROP_SIZE  # generation's face crop, the SigLIP branch's input
     dataset = MultiIDTrainDataset(config.train_shards, config.resolution, max_faces=config.max_faces,
                                   embedding_dim=adapter.config.arcface_dim, prompt_mode=config.prompt_mode,
@@ -711,7 +720,8 @@ def _data(config: TrainConfig, adapter: Any, accelerator: Any, position: dict[st
                                   references=refs, min_aesthetics=config.min_aesthetics, landmark_detector=detector,
                                   seed=config.seed, shuffle_buffer=config.shuffle_buffer,
                                   rank=rank if explicit else None, world_size=world if explicit else None,
-                                  epochs=config.epochs, start=start,
+                                  epochs=config.epochs, start=start, pending=pending,
+                                  buckets=aspect_buckets(config.resolution) if config.aspect_buckets else None,
                                   siglip_crop=CROP_SIZE if config.branch != "arc" else None)
     stream = batch_loader(dataset, config.batch_size, config.num_workers, int(position.get("next_slot", 0)))
     return dataset, stream
