@@ -363,3 +363,19 @@ def test_faces_stage_keeps_the_raw_norm_for_labels(shared_faces):
     np.testing.assert_allclose(np.linalg.norm(face.raw_embedding()), 23.5, rtol=1e-5)
     old = FaceRecord(**{k: v for k, v in face.__dict__.items() if k != "embedding_norm"})
     assert old.embedding_norm == 1.0 and old.raw_embedding() == face.embedding
+
+
+def test_reference_tars_store_the_raw_norm(shared_faces):
+    """Reference-bank samples store embedding × raw norm (insightface's raw vector, as training feeds the adapter)."""
+    from withanyone.data.bank import BankIdentity, BankMember
+    from withanyone.data.pipeline import _reference_samples
+    from withanyone.data.reader import load_npy_restricted
+
+    v = unit(np.arange(1, 9, dtype=np.float32))
+    src = str(shared_faces / "obama" / "1.jpg")
+    members = [BankMember(0, 0, v, src, item=InputItem(src), embedding_norm=21.0),
+               BankMember(1, 0, v, src, item=InputItem(src))]  # dlib-like: norm 1
+    (raw, plain) = list(_reference_samples([BankIdentity("id_a", ["a"], v, members)], fetch=False))
+    for sample, norm in ((raw, 21.0), (plain, 1.0)):
+        emb = np.asarray(load_npy_restricted(sample["npy"])["embeddings"])
+        np.testing.assert_allclose(emb[0], v * norm, rtol=1e-6)

@@ -31,6 +31,7 @@ class BankMember:
     source: str
     similarity: float = 0.0
     item: Any = None  # the InputItem, so the writer can re-read the photo (tar offsets) without a lookup
+    embedding_norm: float = 1.0  # the recognizer's raw norm: reference tars store embedding × this (raw, as labels)
 
 
 @dataclass

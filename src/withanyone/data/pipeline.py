@@ -260,7 +260,8 @@ def _bank_stage(units: list[range], work: Path, filters: FilterConfig, th: Thres
             if is_single_person(ph, res):
                 f = ph.faces[res.kept[0]]
                 candidates.setdefault(ph.item.search_name, []).append(
-                    BankMember(ph.index, res.kept[0], f.embedding_array(), ph.item.source, item=ph.item))
+                    BankMember(ph.index, res.kept[0], f.embedding_array(), ph.item.source, item=ph.item,
+                               embedding_norm=f.embedding_norm))
     return build_bank(candidates, th.member, th.merge, min_photos)
 
 
@@ -299,7 +300,8 @@ def _reference_samples(identities: list, fetch: bool):
                 log.warning("reference %s unreadable now (%s); skipped", m.source, exc)
                 continue
             yield {"__key__": f"{ident.id}__{m.photo:08d}", image_extension(data): data,
-                   "npy": npy_bytes({"embeddings": m.embedding.reshape(1, -1).astype(np.float32), "name": ident.id}),
+                   "npy": npy_bytes({"embeddings": (m.embedding * m.embedding_norm).reshape(1, -1).astype(np.float32),
+                                     "name": ident.id}),
                    "json": json_bytes({"url": m.source, "name": ident.id, "similarity": round(m.similarity, 6)})}
 
 
