@@ -34,3 +34,26 @@ def dlib_analyzer():
     from withanyone.faces import FaceAnalyzer
 
     return FaceAnalyzer("dlib")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """A WithAnyonePipeline of tiny seeded components with a tiny adapter (one per test module)."""
+    from tiny_models.pipeline import get_dummy_components, tiny_adapter
+
+    from withanyone.pipeline import WithAnyonePipeline
+
+    p = WithAnyonePipeline(**get_dummy_components(), adapter=tiny_adapter())
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """Diffusers' plain FluxPipeline on the same tiny components (the reference the adapter must match)."""
+    from diffusers import FluxPipeline
+    from tiny_models.pipeline import get_dummy_components
+
+    p = FluxPipeline(**get_dummy_components())
+    p.set_progress_bar_config(disable=True)
+    return p

@@ -27,22 +27,6 @@ class _CountingLoader:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = WithAnyonePipeline(**get_dummy_components(), adapter=tiny_adapter())
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def plain():
-    from diffusers import FluxPipeline
-
-    p = FluxPipeline(**get_dummy_components())
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
 def tiny_pack(tmp_path_factory):
     from tiny_models.insightface_pack import build_tiny_pack
 

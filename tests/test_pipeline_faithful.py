@@ -56,22 +56,6 @@ def _release_formula(height: int, width: int, steps: int) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = WithAnyonePipeline(**get_dummy_components(), adapter=tiny_adapter())
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def plain():
-    from diffusers import FluxPipeline
-
-    p = FluxPipeline(**get_dummy_components())
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def test_default_sigmas_are_the_releases(pipe):
     assert abs(_release_formula(1024, 1024, 1)[0] - 1.0) < 1e-7
     gaps = {}
