@@ -219,8 +219,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except Exception as exc:  # shown, never a traceback
                 return None, f"⚠ {exc}"
             labels = [p.name for p in people]
-            sx, sy = a.image.shape[1] / int(w), a.image.shape[0] / int(h)
-            boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in a.boxes]
+            boxes = [tuple(float(v) for v in f.bbox) for f in a.faces]  # in the layout photo's own pixels
             how = ("matched by identity: " + ", ".join(f"{nm} (cos {s:.2f})" for nm, s in zip(labels, a.similarities,
                                                                                             strict=True))
                    if a.method == "identity" else "not every person is recognised in it: assigned left to right: "
