@@ -151,7 +151,7 @@ def generate_command(
     lora: list[str] | None = typer.Option(None, "--lora", help="LoRA file/folder/hub id to load (repeatable)."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Scale of the LoRA(s)."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
-    device: str = typer.Option("auto", "--device", help="cuda, cpu or auto."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:N), mps or xpu."),
     offload: bool = typer.Option(False, "--offload", help="enable_model_cpu_offload() (low GPU memory)."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
