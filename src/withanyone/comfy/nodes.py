@@ -182,6 +182,9 @@ class WithAnyoneLoader:
             "adapter_name": (adapter_files(), {"tooltip": "models/withanyone/*.safetensors (WithAnyone/WithAnyone)"}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "storage dtype; fp8 is cast "
                              "to the model's compute dtype per call"}),
+        }, "optional": {
+            "double_blocks": ("INT", {"default": 0, "min": 0, "max": 256, "advanced": True, "tooltip": "blocks of "
+                              "the file that follow double-stream blocks; 0: auto (19 for FLUX.1's 57)"}),
         }}
 
     RETURN_TYPES = (ADAPTER,)
@@ -190,21 +193,22 @@ class WithAnyoneLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the WithAnyone identity adapter; ComfyUI loads and offloads it with the FLUX model."
 
-    def load(self, adapter_name: str, weight_dtype: str = "default") -> tuple[Any]:
+    def load(self, adapter_name: str, weight_dtype: str = "default", double_blocks: int = 0) -> tuple[Any]:
         fp = _folder_paths()
         path = fp.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name) if fp is not None else adapter_name
-        return (load_adapter(path, weight_dtype),)
+        return (load_adapter(path, weight_dtype, double_blocks or None),)
 
 
-def load_adapter(path: str | os.PathLike, weight_dtype: str = "default") -> Any:
+def load_adapter(path: str | os.PathLike, weight_dtype: str = "default", num_double_blocks: int | None = None) -> Any:
     """The adapter at ``path`` in ``weight_dtype``, wrapped in a ComfyUI ``ModelPatcher`` when ComfyUI is
-    importable (else the :class:`AdapterModule`)."""
+    importable (else the :class:`AdapterModule`); ``num_double_blocks`` for files not of FLUX.1's 19 + 38."""
     from ..model import WithAnyoneAdapter
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     dtype = _dtype(weight_dtype)
-    adapter = WithAnyoneAdapter.from_authors_checkpoint(str(path), torch_dtype=dtype, local_files_only=True)
+    adapter = WithAnyoneAdapter.from_authors_checkpoint(str(path), torch_dtype=dtype, local_files_only=True,
+                                                        num_double_blocks=num_double_blocks)
     adapter.eval().requires_grad_(False)
     fp8 = dtype is not None and dtype.itemsize == 1
     use_comfy_ops(adapter, manual_cast=fp8)
