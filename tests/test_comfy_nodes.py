@@ -224,7 +224,7 @@ def test_apply_node_patches_a_clone():
     dit = m.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(dit) == [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
     assert [p.index for _, p in sorted(dit.items())] == [0, 1, 2, 3]  # single blocks continue after the doubles
-    (patch,) = [w for ws in m.wrappers["diffusion_model"].values() for w in ws]
+    (patch,) = m.diffusion_wrappers()
     assert patch.id_weight == 0.7 and len(patch.people) == 2 and math.isinf(patch.sigma_start)
     assert base.model_options == {"transformer_options": {}}
 

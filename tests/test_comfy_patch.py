@@ -71,12 +71,12 @@ def test_weight_zero_is_bit_identical_and_base_model_untouched(models):
     m1 = apply_withanyone(base, ad, people(2), BOXES2, id_weight=1.0)
     assert not torch.equal(comfy_forward(tr, x, t, ctx, pooled, m1.sampling_options()), bare)
     # clone semantics: the input model has no patches and still gives the bare output
-    assert base.model_options == {"transformer_options": {}} and base.wrappers == {}
+    assert base.model_options == {"transformer_options": {}} and base.diffusion_wrappers() == []
     assert torch.equal(comfy_forward(tr, x, t, ctx, pooled, base.sampling_options()), bare)
     # the adapter's weights are shared, not deep-copied, by a later clone
-    patch = next(iter(m1.wrappers["diffusion_model"].values()))[0]
+    (patch,) = m1.diffusion_wrappers()
     again = m1.clone()
-    assert next(iter(again.wrappers["diffusion_model"].values()))[0] is patch
+    assert again.diffusion_wrappers() == [patch] and again.diffusion_wrappers()[0] is patch
     assert again.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].owner is patch
 
 
@@ -90,7 +90,7 @@ def test_outside_boxes_unchanged_and_percent_range(models):
     # one double block only: its residual reaches only the boxed tokens (later blocks mix tokens)
     to = m.sampling_options()
     to["patches_replace"] = {"dit": {("double_block", 0): to["patches_replace"]["dit"][("double_block", 0)]}}
-    patch = next(iter(m.wrappers["diffusion_model"].values()))[0]
+    (patch,) = m.diffusion_wrappers()
     fwd = patch.plan(x, None, 2, txt_len=TXT)
     blk = tr.transformer_blocks[0]
     img = torch.randn(1, 24, 192)
