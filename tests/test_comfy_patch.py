@@ -201,3 +201,33 @@ def test_refusals_name_the_problem(models):
                               siglip_dim=TINY_SIGLIP_DIM)
     with pytest.raises(ValueError, match="2 double \\+ 3 single blocks"):
         apply_withanyone(base, other, people(1), FaceBoxes([(0, 0, 16, 16)], 96, 64))
+
+
+@torch.no_grad()
+def test_two_applies_stack_and_model_management_hooks(models):
+    tr, ad = models
+    x, ctx, pooled, _ = inputs(5)
+    t = torch.tensor([0.5])
+    base = FakeModelPatcher(tr)
+    one = FaceBoxes([(0, 0, 32, 32)], 96, 64)
+    other = FaceBoxes([(64, 32, 96, 64)], 96, 64)
+    p1, p2 = people(2, seed=3)
+    a = apply_withanyone(base, ad, [p1], one, id_weight=1.0)
+    ab = apply_withanyone(a, ad, [p2], other, id_weight=1.0)  # a second Apply on top of the first
+    both = apply_withanyone(base, ad, [p1, p2], FaceBoxes(one.boxes + other.boxes, 96, 64), id_weight=1.0)
+    assert len(ab.diffusion_wrappers()) == 2
+    got = comfy_forward(tr, x, t, ctx, pooled, ab.sampling_options())
+    bare = comfy_forward(tr, x, t, ctx, pooled, {})
+    only_a = comfy_forward(tr, x, t, ctx, pooled, a.sampling_options())
+    assert not torch.equal(got, only_a) and not torch.equal(got, bare)  # the second patch adds, not replaces
+    # disjoint boxes, separate masks: stacking one person twice ≈ one Apply with both (the residuals of a block
+    # are added in sequence rather than together, so equal up to float rounding)
+    torch.testing.assert_close(got, comfy_forward(tr, x, t, ctx, pooled, both.sampling_options()), rtol=0,
+                               atol=1e-4)
+    # ComfyUI's model management: .to(device) drops cached ID tokens; models() is empty without a ModelPatcher
+    (patch,) = a.diffusion_wrappers()
+    patch.plan(x, None)
+    assert patch._states
+    block = a.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 1)]
+    assert block.to(torch.device("cpu")) is block and not patch._states and block.models() == []
+    assert patch.to(torch.float16) is patch  # a dtype from model_patches_to(model_dtype) is ignored
