@@ -331,3 +331,26 @@ def test_preview_draws_each_box():
     assert img.shape == (64, 96, 3)
     assert tuple(img[0, 10]) != (40, 40, 40) and tuple(img[32, 20]) == (40, 40, 40)  # outline drawn, inside not
     Image.fromarray(img)  # a valid RGB image
+
+
+def test_person_siglip_features_are_the_pipelines(tiny_analyzer):
+    from withanyone.pipeline.references import encode_siglip, prepare_reference
+    from withanyone.pipeline.tiny import tiny_siglip
+
+    model, processor = tiny_siglip()
+    photo = _photo(7)
+    person = N.person_from_images([photo], tiny_analyzer, siglip=N.SiglipEncoder(model, processor))
+    with pytest.warns(UserWarning):
+        ref = prepare_reference(photo, tiny_analyzer, need_crop=True)
+    want = encode_siglip([ref.crop], model, processor)[0]
+    assert person.siglip.shape == (256, 32) and torch.equal(person.siglip, want.float())
+
+
+def test_face_analyzer_loader(tiny_analyzer, tmp_path):
+    from tiny_models.insightface_pack import build_tiny_pack
+
+    build_tiny_pack(tmp_path / "pack", num_anchors=1)
+    (fa,) = N.WithAnyoneFaceAnalyzerLoader().load("insightface", str(tmp_path / "pack"), 0.4)
+    assert (fa.backend_name, fa.embedding_dim) == ("insightface", 512)
+    (dl,) = N.WithAnyoneFaceAnalyzerLoader().load("dlib")
+    assert dl.embedding_dim == 128
