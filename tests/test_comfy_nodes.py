@@ -31,6 +31,7 @@ CORE_NODES = {
     "LoraLoaderModelOnly": ({"model": "MODEL", "lora_name": "W", "strength_model": "W"}, ["MODEL"]),
     "LoadImage": ({"image": "W", "upload": "UI"}, ["IMAGE", "MASK"]),
     "PreviewImage": ({"images": "IMAGE"}, []),
+    "PreviewAny": ({"source": "*"}, []),
     "CLIPTextEncode": ({"text": "W", "clip": "CLIP"}, ["CONDITIONING"]),
     "FluxGuidance": ({"conditioning": "CONDITIONING", "guidance": "W"}, ["CONDITIONING"]),
     "EmptySD3LatentImage": ({"width": "W", "height": "W", "batch_size": "W"}, ["LATENT"]),
@@ -248,8 +249,10 @@ def _node_io(cls_name):
 def test_example_workflow_api_json(n):
     path = WORKFLOWS / f"withanyone_{n}_person{'s' if n > 1 else ''}_api.json"
     graph = json.loads(path.read_text())
-    people = [v for v in graph.values() if v["class_type"] == "WithAnyonePerson"]
+    people = [k for k, v in graph.items() if v["class_type"] == "WithAnyonePerson"]
     assert len(people) == n
+    shown = [v["inputs"]["source"] for v in graph.values() if v["class_type"] == "PreviewAny"]
+    assert sorted(shown) == sorted([p, 2] for p in people)  # every person's report (warnings) shown in the UI
     for nid, node in graph.items():
         inputs, _ = _node_io(node["class_type"])
         for k, v in node["inputs"].items():
@@ -257,7 +260,7 @@ def test_example_workflow_api_json(n):
             if isinstance(v, list):  # a link [source id, output index] of the right type
                 src = graph[v[0]]
                 outs = _node_io(src["class_type"])[1]
-                assert v[1] < len(outs) and outs[v[1]] == inputs[k].rstrip("?"), (path.name, nid, k)
+                assert v[1] < len(outs) and inputs[k].rstrip("?") in (outs[v[1]], "*"), (path.name, nid, k)
             else:
                 assert inputs[k].rstrip("?") == "W", (path.name, nid, k)
         for k, t in inputs.items():  # every required input is given
@@ -299,7 +302,7 @@ def test_example_workflow_ui_json_matches_the_api_one(n):
     for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
         out = nodes[str(src)]["outputs"][src_slot]
         inp = nodes[str(dst)]["inputs"][dst_slot]
-        assert out["type"] == inp["type"] == typ and inp["link"] == link_id and link_id in out["links"]
+        assert out["type"] == typ and inp["type"] in (typ, "*") and inp["link"] == link_id and link_id in out["links"]
         assert api[str(dst)]["inputs"][inp["name"]] == [str(src), src_slot]
     for nid, nd in nodes.items():
         inputs, _ = _node_io(nd["type"])

@@ -231,3 +231,21 @@ def test_two_applies_stack_and_model_management_hooks(models):
     block = a.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 1)]
     assert block.to(torch.device("cpu")) is block and not patch._states and block.models() == []
     assert patch.to(torch.float16) is patch  # a dtype from model_patches_to(model_dtype) is ignored
+
+
+@torch.no_grad()
+def test_batch_of_two_latents_cond_and_uncond(models):
+    """ComfyUI batches cond and uncond (cfg > 1) and several latents: the identities apply to every item."""
+    tr, ad = models
+    x, ctx, pooled, _ = inputs(6)
+    x2 = torch.cat([x, torch.randn_like(x)])
+    ctx2, pooled2 = torch.cat([ctx, torch.randn_like(ctx)]), torch.cat([pooled, torch.randn_like(pooled)])
+    t = torch.tensor([0.4, 0.4])
+    ps = people(2, seed=4)
+    m = apply_withanyone(FakeModelPatcher(tr), ad, ps, BOXES2, id_weight=1.0)
+    got = comfy_forward(tr, x2, t, ctx2, pooled2, m.sampling_options())
+    arc = torch.from_numpy(np.stack([p.arcface for p in ps]))[None]
+    want, _ = hooks_forward(tr, ad, x2, t, ctx2, pooled2, arcface=arc, boxes=[BOXES2.boxes], height=64, width=96,
+                            id_weight=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.equal(got, comfy_forward(tr, x2, t, ctx2, pooled2, {}))
