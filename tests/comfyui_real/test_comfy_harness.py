@@ -5,40 +5,8 @@ from __future__ import annotations
 import harness
 import pytest
 import torch
+from harness import comfy_velocity, diffusers_velocity, load_unet
 from withanyone_test_nodes import random_flux_conditioning
-
-
-def load_unet(comfy, path, weight_dtype: str = "default"):
-    """ComfyUI's UNETLoader node on ``path`` (its folder registered as a diffusion_models folder)."""
-    comfy["folder_paths"].add_model_folder_path("diffusion_models", str(path.parent))
-    return comfy["nodes"].UNETLoader().load_unet(path.name, weight_dtype)[0]
-
-
-def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None):
-    """The FLUX velocity ComfyUI's diffusion model predicts for latent ``x`` [B,16,H,W] at ``sigma``."""
-    comfy["model_management"].load_models_gpu([patcher])
-    opts = dict(patcher.model_options.get("transformer_options", {}))
-    opts.update(transformer_options or {})
-    ctx, extra = cond[0]
-    dm = patcher.model.diffusion_model
-    with torch.no_grad():
-        return dm(x, torch.tensor([sigma]), ctx, y=extra["pooled_output"],
-                  guidance=torch.tensor([extra["guidance"]]), transformer_options=opts)
-
-
-def diffusers_velocity(model, x, sigma, cond):
-    """The same velocity from diffusers' FluxTransformer2DModel on the packed latent (unpacked back)."""
-    b, c, h, w = x.shape
-    packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    ctx, extra = cond[0]
-    with torch.no_grad():
-        out = model(hidden_states=packed, encoder_hidden_states=ctx, pooled_projections=extra["pooled_output"],
-                    timestep=torch.tensor([sigma]), guidance=torch.tensor([extra["guidance"]]),
-                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(ctx.shape[1], 3), return_dict=False)[0]
-    return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def test_comfy_loader_gives_diffusers_output(comfy, tiny_flux_path, tiny_flux):
