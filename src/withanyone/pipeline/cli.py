@@ -6,6 +6,13 @@ from pathlib import Path
 
 import typer
 
+#: Output side and steps of ``--tiny`` (a random 2-block FLUX: seconds on a CPU).
+TINY_SIZE = 64
+TINY_STEPS = 4
+#: What a ``--tiny`` run says about its image, on the console and in the sidecar.
+TINY_NOTE = ("tiny random model (--tiny): the image is noise from random weights, not a WithAnyone generation; "
+             "it shows the generate path runs")
+
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
     parts = [p for p in text.replace(" ", "").split(",") if p]
@@ -57,9 +64,11 @@ def generate_command(
     id_weight: float = typer.Option(1.0, "--id-weight", help="ArcFace branch weight."),
     siglip_weight: float = typer.Option(0.0, "--siglip-weight", help="SigLIP branch weight (0: SigLIP not loaded)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: drawn and recorded)."),
-    height: int = typer.Option(1024, "--height", help="Output height in pixels (multiple of 16)."),
-    width: int = typer.Option(1024, "--width", help="Output width in pixels (multiple of 16)."),
-    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    height: int | None = typer.Option(None, "--height", help="Output height in pixels (multiple of 16; default "
+                                      "1024, --tiny 64)."),
+    width: int | None = typer.Option(None, "--width", help="Output width in pixels (multiple of 16; default 1024, "
+                                     "--tiny 64)."),
+    steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default 25, --tiny 4)."),
     guidance: float = typer.Option(4.0, "--guidance", help="FLUX-dev distilled guidance."),
     base: str = typer.Option("black-forest-labs/FLUX.1-dev", "--base", help="FLUX hub id or diffusers folder."),
     adapter: str = typer.Option("WithAnyone/WithAnyone", "--adapter", help="Adapter hub id, folder or .safetensors."),
@@ -82,11 +91,16 @@ def generate_command(
                                  "crops before SigLIP (needs --siglip-weight > 0)."),
     matting_model: str = typer.Option("briaai/RMBG-2.0", "--matting-model", help="Segmentation model for --matting "
                                       "(hub id or folder)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random model, no weights needed (dlib faces; the image "
+                              "is noise): the whole generate path on CPU in seconds."),
 ) -> None:
     """Generate an image of the --ref people (their faces in --box / --layout / automatic boxes)."""
     from rich.console import Console
 
     console = Console(stderr=True)
+    height = height if height is not None else (TINY_SIZE if tiny else 1024)
+    width = width if width is not None else (TINY_SIZE if tiny else 1024)
+    steps = steps if steps is not None else (TINY_STEPS if tiny else 25)
     boxes = [_parse_box(b) for b in box] if box else None
     if boxes is not None and layout is not None:
         raise typer.BadParameter("give either --box or --layout, not both")
@@ -118,13 +132,20 @@ def generate_command(
 
     from ..errors import WithAnyoneError
 
-    console.print(f"loading {base} + {adapter} ({dtype}, {device})")
-    try:
-        pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
-                                                  torch_dtype=torch_dtype, local_files_only=offline or None)
-    except (WithAnyoneError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+    if tiny:
+        from .tiny import tiny_pipeline
+
+        console.print(f"[yellow]{TINY_NOTE}[/]")
+        pipe = tiny_pipeline()
+        dtype = "float32"
+    else:
+        console.print(f"loading {base} + {adapter} ({dtype}, {device})")
+        try:
+            pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
+                                                      torch_dtype=torch_dtype, local_files_only=offline or None)
+        except (WithAnyoneError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from exc
     for i, lo in enumerate(lora or []):
         pipe.load_lora_weights(lo, adapter_name=f"lora{i}")
     if lora:
@@ -164,6 +185,8 @@ def generate_command(
         height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
         dtype=dtype, device=device, offload=offload, output=str(out),
         timestep_shift=timestep_shift, noise=noise, reference_face=reference_face, matting=matting,
-        matting_model=matting_model if matting else None)
+        matting_model=matting_model if matting else None, **({"tiny": True, "note": TINY_NOTE} if tiny else {}))
     sidecar_path = write_image_and_sidecar(out, image, sidecar)
     console.print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {sidecar_path}; seed {result.seed}")
+    if tiny:
+        console.print(f"[yellow]note:[/] {out} is NOISE: {TINY_NOTE}")

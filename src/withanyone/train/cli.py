@@ -14,6 +14,8 @@ def train_command(
                                        "at top level or in a train table)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random model on a shard built from the bundled photos: "
+                              "the whole training path on CPU in seconds, no weights (the checkpoint is noise)."),
 ) -> None:
     """Train the WithAnyone adapter (FLUX frozen); resumes from OUTPUT_DIR/checkpoints when present."""
     import json
@@ -24,18 +26,29 @@ def train_command(
 
     console = Console(stderr=True)
     try:
-        cfg = load_config(config, overrides or [])
+        if tiny:
+            from withanyone.train.tiny import tiny_train_config
+
+            cfg = tiny_train_config(config, overrides or [])
+        else:
+            cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    except FileNotFoundError as exc:  # --tiny: the bundled photos are missing
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     if print_config:
         typer.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return
 
-    from withanyone.train.preflight import PreflightError, check_inputs, explain_load_error
+    from withanyone.train.preflight import PreflightError, check_inputs, check_train_shards, explain_load_error
 
     try:  # before FLUX loads: the base, the ArcFace file and the shards' embedding width
-        check_inputs(cfg)
+        if tiny:
+            check_train_shards(cfg, 512)
+        else:
+            check_inputs(cfg)
     except PreflightError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -55,9 +68,17 @@ def train_command(
             bar.update(task, completed=step, losses=text)
 
         try:
-            result = train(cfg, on_step=on_step)
+            if tiny:
+                from withanyone.train.tiny import TINY_NOTE, tiny_train_components
+
+                console.print(f"[yellow]{TINY_NOTE}[/yellow]; data: {cfg.train_shards}")
+                result = train(cfg, tiny_train_components(cfg), on_step=on_step)
+            else:
+                result = train(cfg, on_step=on_step)
         except (WithAnyoneError, OSError) as exc:  # bad data/weights/paths: a message, not a traceback
             kind = "training error" if isinstance(exc, TrainingError) else type(exc).__name__
             typer.echo(f"{kind}: {explain_load_error(exc, cfg)}", err=True)
             raise typer.Exit(1) from exc
     console.print(f"step {result.step}: checkpoint {result.checkpoint}; skipped samples {result.skipped or 'none'}")
+    if tiny:
+        console.print(f"[yellow]note:[/yellow] {TINY_NOTE}")
