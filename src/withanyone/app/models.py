@@ -133,11 +133,16 @@ def load_models(opts: LoadOptions) -> LoadedModels:
 
 def missing_weights_message(exc: BaseException, opts: LoadOptions) -> str:
     """What failed to load, and how to get it (markdown for the app's banner)."""
+    from ..hub import GATED_REPOS, download_command
+
+    gated = [r for r in (opts.base, opts.adapter, opts.siglip) if r in GATED_REPOS]
+    first = (f"accept the licence of {' and '.join(gated)} on the hub ("
+             + ", ".join(f"https://huggingface.co/{r}" for r in gated) + "), log in, then" if gated else "run")
+    cmds = ["hf auth login"] if gated else []
+    cmds += [download_command(opts.base), download_command(opts.adapter, ("withanyone.safetensors",)),
+             download_command(opts.siglip)]
     return (f"**The models could not be loaded:** {exc}\n\n"
-            "How to get them: accept the FLUX.1-dev licence on the hub, then\n\n"
-            f"    huggingface-cli download {opts.base}\n"
-            f"    huggingface-cli download {opts.adapter} withanyone.safetensors\n"
-            f"    huggingface-cli download {opts.siglip}\n\n"
+            f"How to get them: {first}\n\n" + "".join(f"    {c}\n" for c in cmds) + "\n"
             "and the insightface `antelopev2` pack (see docs/pipeline.md), or pass local folders with "
             "`--base/--adapter/--siglip/--face-pack`. Without weights, `withanyone app --tiny` runs the whole app "
             "on a tiny random model (its images are noise).")

@@ -60,14 +60,15 @@ class _Source:
         try:
             got = Path(hf_hub_download(self.ref, name, revision=self.revision, local_files_only=self.offline))
         except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: test it first)
-            from ..hub import offline_reason
+            from ..hub import download_hint, offline_reason
 
             why = offline_reason(True if self.offline and self._told_offline else None) if self.offline \
                 else "the hub could not be reached"
             raise ModelNotFoundError(
                 f"{self.role}: file {name} of hub repo {self.ref} is not in the local cache and {why} "
-                f"(and there is no local folder named {self.ref}); download it first "
-                f"(hf download {self.ref} {name}) or pass a local folder") from exc
+                f"(and there is no local folder named {self.ref}); "
+                f"{download_hint(self.ref, (name,) if self.role == 'adapter' else ())}, or pass a local folder"
+            ) from exc
         except EntryNotFoundError as exc:
             raise ModelNotFoundError(f"{self.role}: file {name} does not exist in hub repo {self.ref}") from exc
         except RepositoryNotFoundError as exc:

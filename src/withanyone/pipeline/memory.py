@@ -161,9 +161,9 @@ def check_available(p: MemoryPreset, device: Any = None, transformer_file: str |
     """None when ``p`` can run on ``device`` here, else one line saying why not (checked before anything loads)."""
     if p.base == "nf4" and transformer_file is None:
         if not _cuda(device):
-            return (f"base format nf4 ({p.name}) needs a CUDA GPU and bitsandbytes; this machine "
-                    f"{'has no CUDA GPU' if device is None or str(device) == 'auto' else f'runs on {device}'} "
-                    "(use fp8 or int8, or a GGUF --transformer-file)")
+            here = "no CUDA GPU is present" if device is None or str(device) == "auto" else f"the device is {device}"
+            return (f"base format nf4 (preset {p.name}) needs a CUDA GPU and bitsandbytes, and {here}; use fp8 or "
+                    "int8, or a GGUF --transformer-file")
         if not _installed("bitsandbytes"):
             return "base format nf4 needs bitsandbytes (pip install bitsandbytes), which is not installed"
     formats = [p.adapter, p.text_encoder] + ([p.base] if transformer_file is None else [])
