@@ -254,19 +254,20 @@ def test_generate_tiny_reads_gguf_and_fp8_files(tmp_path, emb_ref):
     outs = {}
     for name in ("t.gguf", "t-fp8.safetensors", None):
         out = tmp_path / f"{name or 'plain'}.png"
-        res = _cli(emb_ref + ["--out", str(out)] + (["--transformer-file", str(tmp_path / name)] if name else []))
+        extra = ["--transformer-file", str(tmp_path / name)] if name else []
+        if name == "t.gguf":  # a GGUF keeps its own format; the budget preset still sets adapter + offload
+            extra += ["--low-vram", "16gb", "--adapter-quantization", "int8"]
+        res = _cli(emb_ref + ["--out", str(out), "--steps", "2"] + extra)
         assert res.exit_code == 0, res.output + repr(res.exception)
         side = json.loads(out.with_suffix(".json").read_text())
         if name:
             assert side["models"]["transformer_file"]["path"] == str((tmp_path / name).resolve())
         outs[name] = np.asarray(__import__("PIL.Image").Image.open(out)).astype(int)
+        if name == "t.gguf":
+            assert side["memory"] == {"preset": "custom", "base": "fp8", "adapter": "int8", "text_encoder": "bf16",
+                                      "offload": "model"} and side["offload"] == "model"
     for name in ("t.gguf", "t-fp8.safetensors"):  # the quantised files draw nearly the fp32 picture
         assert 0 < np.abs(outs[name] - outs[None]).mean() < 8, name
-    res = _cli(emb_ref + ["--out", str(tmp_path / "x.png"), "--low-vram", "16gb", "--adapter-quantization", "int8"])
-    assert res.exit_code == 0, res.output
-    side = json.loads((tmp_path / "x.json").read_text())
-    assert side["memory"] == {"preset": "custom", "base": "fp8", "adapter": "int8", "text_encoder": "bf16",
-                              "offload": "model"} and side["offload"] == "model"
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-only message")
@@ -310,3 +311,21 @@ def test_from_pretrained_takes_the_memory_settings(tmp_path):
     assert np.isfinite(_image(pipe)).all()
     with pytest.raises(M.MemoryConfigError, match="base format nf4") if not CUDA else pytest.raises(Exception):
         WithAnyonePipeline.from_pretrained(tmp_path / "no-flux", low_vram="nf4", device="cpu")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU-only message")
+def test_bench_generate_takes_the_same_options(tmp_path):
+    """bench generate: a bad setting is one line before the benchmark loads; a preset reaches the workers' pipe."""
+    from withanyone.bench.generate import MethodSpec, PipelineMethod
+
+    for args, text in ((["--low-vram", "nf4"], "base format nf4"), (["--offload", "sequential"], "offload 'sequential'"),
+                       (["--transformer-file", str(tmp_path / "none.gguf")], "no such file")):
+        res = _cli(["bench", "generate", str(tmp_path / "no-bench"), "--method", "m", "--tiny"] + args)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert text in res.stderr and "no-bench" not in res.stderr, res.stderr
+    method = PipelineMethod(MethodSpec(tiny=True, device="cpu", memory={"low_vram": "16gb"}))
+    assert method.pipe.memory is M.PRESETS["16gb"]
+    assert method.pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    from withanyone.model.quantize import adapter_format
+
+    assert adapter_format(method.pipe.adapter) == "fp8"
