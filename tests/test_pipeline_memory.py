@@ -162,8 +162,8 @@ def test_every_format_generates_under_every_offload(fmt):
     images = {}
     for offload in M.OFFLOADS:
         p = _tiny_pipe()
-        mem = M.resolve_memory(base_quantization=fmt, adapter_quantization="int8", text_encoder_quantization="int8",
-                               offload=offload)
+        mem = M.resolve_memory(base_quantization=fmt, adapter_quantization="int8", offload=offload,
+                               text_encoder_quantization="fp8" if fmt == "fp8" else "int8")
         M.apply_memory(p, mem, "cpu", compute_dtype=torch.float32, quantize_base=True)
         assert p.memory.offload == offload and p.adapter.attached
         images[offload] = _image(p)
@@ -329,3 +329,27 @@ def test_bench_generate_takes_the_same_options(tmp_path):
     from withanyone.model.quantize import adapter_format
 
     assert adapter_format(method.pipe.adapter) == "fp8"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU behaviour")
+def test_app_loads_the_budget_presets_and_refuses_nf4():
+    from withanyone.app.models import LoadOptions, load_models
+    from withanyone.app.ui import banner
+
+    models = load_models(LoadOptions(tiny=True, device="cpu", low_vram="16gb"))
+    assert models.ready and models.preset == "16gb" and models.notes == ["offload of preset 16gb skipped on CPU"]
+    assert models.pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert M.PRESETS["16gb"].description in banner(models)
+    refused = load_models(LoadOptions(tiny=True, device="cpu", low_vram="nf4"))
+    assert not refused.ready and refused.error.startswith("base format nf4 (preset nf4) needs a CUDA GPU")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU-only message")
+def test_a_file_in_its_own_format_replaces_nf4(tmp_path):
+    """12gb/8gb with a GGUF or fp8 file need no CUDA; a full-precision file would be stored as nf4: refused."""
+    from safetensors.torch import save_file
+
+    _save_fp8_bfl(tmp_path / "fp8.safetensors")
+    save_file({"img_in.weight": torch.zeros(2, 2)}, str(tmp_path / "full.safetensors"))
+    assert M.check_available(M.PRESETS["8gb"], "cpu", tmp_path / "fp8.safetensors") is None
+    assert "base format nf4" in M.check_available(M.PRESETS["8gb"], "cpu", tmp_path / "full.safetensors")

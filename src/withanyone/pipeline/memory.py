@@ -149,6 +149,25 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _stored_quantised(path: str | os.PathLike | None) -> bool:
+    """Whether a single-file transformer keeps its own format (GGUF, or float8 tensors in a safetensors header)."""
+    if path is None:
+        return False
+    file = Path(path).expanduser()
+    if file.suffix.lower() == ".gguf":
+        return True
+    try:
+        import json
+        import struct
+
+        with open(file, "rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(min(size, 100_000_000)))
+    except (OSError, ValueError, struct.error):
+        return False
+    return any(isinstance(v, dict) and str(v.get("dtype", "")).startswith("F8") for v in header.values())
+
+
 def _cuda(device: Any) -> bool:
     import torch
 
@@ -159,7 +178,7 @@ def _cuda(device: Any) -> bool:
 
 def check_available(p: MemoryPreset, device: Any = None, transformer_file: str | os.PathLike | None = None) -> str | None:
     """None when ``p`` can run on ``device`` here, else one line saying why not (checked before anything loads)."""
-    if p.base == "nf4" and transformer_file is None:
+    if p.base == "nf4" and not _stored_quantised(transformer_file):
         if not _cuda(device):
             here = "no CUDA GPU is present" if device is None or str(device) == "auto" else f"the device is {device}"
             return (f"base format nf4 (preset {p.name}) needs a CUDA GPU and bitsandbytes, and {here}; use fp8 or "
