@@ -171,7 +171,7 @@ def test_missing_weights_are_explained(tmp_path):
     models = load_models(LoadOptions(base=str(tmp_path / "no-flux"), device="cpu"))
     assert not models.ready
     text = banner(models)
-    assert "no-flux/model_index.json is missing" in text and "huggingface-cli download" in text
+    assert "no-flux/model_index.json is missing" in text and "hf download" in text
 
 
 def _tiny_image(refs, preset):
@@ -261,6 +261,6 @@ def test_app_starts_without_weights_and_says_what_is_missing(tmp_path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as r:
             config = r.read().decode()
-        assert "no-flux/model_index.json is missing" in config and "huggingface-cli download" in config
+        assert "no-flux/model_index.json is missing" in config and "hf download" in config
     finally:
         demo.close()

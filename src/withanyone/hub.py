@@ -82,3 +82,30 @@ def _reset() -> None:
     global _reachable
     with _lock:
         _reachable = None
+
+
+#: Hub repos behind a licence click-through: accept it on the repo page and log in before downloading.
+GATED_REPOS = frozenset({"black-forest-labs/FLUX.1-dev", "briaai/RMBG-2.0"})
+#: Files a download of the repo can leave out: FLUX.1-dev's original-format single files (diffusers reads the
+#: component folders), 23.8 GB + 0.3 GB.
+SKIPPABLE_FILES = {"black-forest-labs/FLUX.1-dev": ("flux1-dev.safetensors", "ae.safetensors")}
+
+
+def download_command(repo: str, files: tuple[str, ...] | list[str] = (), local_dir: str | None = None) -> str:
+    """The ``hf download`` command line that fetches ``repo`` (or just ``files`` of it) into the hub cache."""
+    parts = ["hf", "download", repo, *files]
+    if not files:
+        for name in SKIPPABLE_FILES.get(repo, ()):
+            parts += ["--exclude", name]
+    if local_dir:
+        parts += ["--local-dir", str(local_dir)]
+    return " ".join(parts)
+
+
+def download_hint(repo: str, files: tuple[str, ...] | list[str] = (), local_dir: str | None = None) -> str:
+    """How to get ``repo`` in words: the real ``hf`` commands, licence and login first for a gated repo."""
+    cmd = download_command(repo, files, local_dir)
+    if repo in GATED_REPOS:
+        return (f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, log in with "
+                f"`hf auth login`, then run `{cmd}`")
+    return f"download it with `{cmd}`"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from ..hub import download_command
 
 #: Hub repos known to mirror a pack under its usual name (third-party mirrors of insightface's
 #: non-commercial models; used only when a bare name is not found locally).
@@ -275,14 +276,14 @@ def _not_found_message(text: str, name: str, looked: list[str], repo_given: bool
     lines += [f"  - {item}" for item in looked]
     if repo_given:
         lines.append(f"To get it: check the repo id, then run online (HF_HUB_OFFLINE unset) or fetch it first with "
-                     f"`hf download {text}`; or download the pack's ONNX files into a folder and pass "
+                     f"`{download_command(text)}`; or download the pack's ONNX files into a folder and pass "
                      "that folder.")
         return "\n".join(lines)
     home = insightface_home() / "models" / name
     lines.append("To get it: download the pack's ONNX files into a folder and pass that folder, or unpack it to "
                  f"{home} (INSIGHTFACE_HOME overrides ~/.insightface), e.g. "
                  f"`curl -LO {OFFICIAL_RELEASES.format(name=name)} && unzip {name}.zip -d {home.parent}`"
-                 + (f" or `hf download {HUB_MIRRORS[name]} --local-dir {home}`" if name in HUB_MIRRORS
+                 + (f" or `{download_command(HUB_MIRRORS[name], local_dir=str(home))}`" if name in HUB_MIRRORS
                     else "")
                  + "; or pass a hub repo id (owner/name) while online. The models are for non-commercial "
                    "research use (insightface licence).")

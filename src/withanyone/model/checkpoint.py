@@ -119,14 +119,16 @@ def resolve_authors_checkpoint(source: str | Path, *, local_files_only: bool = F
         )
     text = str(source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        from ..hub import download_hint
+
         try:
             from huggingface_hub import hf_hub_download
 
             return Path(hf_hub_download(text, AUTHORS_FILENAME, local_files_only=local_files_only))
         except Exception as exc:  # offline, gated, missing file: say exactly which file
             raise ModelNotFoundError(
-                f"cannot get {AUTHORS_FILENAME} from hub repo {text} ({type(exc).__name__}: {exc}); download it "
-                f"(hf download {text} {AUTHORS_FILENAME}) and pass the local path"
+                f"cannot get {AUTHORS_FILENAME} from hub repo {text} ({type(exc).__name__}: {exc}); "
+                f"{download_hint(text, (AUTHORS_FILENAME,))}, or pass the local path"
             ) from exc
     raise ModelNotFoundError(f"checkpoint not found: {source} (neither a file, a folder nor a hub id)")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,25 +16,77 @@ TINY_NOTE = ("tiny random model (--tiny): the image is noise from random weights
              "it shows the generate path runs")
 
 
+#: Output suffixes the image writer knows (anything else is refused before loading).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_CHOICES = {"--timestep-shift": ("release", "flux"), "--noise": ("release", "cpu"),
+            "--reference-face": ("score", "largest"),
+            "--dtype": ("auto", "bfloat16", "float16", "float32")}
+
+
 def _parse_box(text: str) -> tuple[float, float, float, float]:
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if len(parts) != 4:
-        raise typer.BadParameter(f"--box {text!r}: want x1,y1,x2,y2 in pixels")
+        raise ValueError(f"--box {text!r}: want x1,y1,x2,y2 in pixels")
     try:
         x1, y1, x2, y2 = (float(p) for p in parts)
     except ValueError as exc:
-        raise typer.BadParameter(f"--box {text!r}: not numbers") from exc
+        raise ValueError(f"--box {text!r}: not numbers (want x1,y1,x2,y2 in pixels)") from exc
     return x1, y1, x2, y2
 
 
-def validate_generate_args(refs: list[str], height: int, width: int, steps: int, layout: Path | None) -> None:
-    """Reject missing/unreadable --ref and --layout files and sizes FLUX cannot make, before any weights load.
+def download_hint(base: str) -> str:
+    """How to get a FLUX base that is missing (FLUX.1-dev is gated: licence and login first)."""
+    from ..hub import download_hint as hint
+
+    return hint(base)
+
+
+def validate_generate_args(refs: list[str], height: int, width: int, steps: int, layout: Path | None,
+                           box: list[str] | None = None, out: Path | None = None,
+                           options: dict[str, str] | None = None) -> list[tuple[float, float, float, float]] | None:
+    """Reject bad --box values, --ref/--layout files, sizes FLUX cannot make, an --out that is a folder and
+    unknown choices, before any weights load; returns the parsed boxes (None without --box).
 
     Raises ``ValueError`` with a one-line message naming the argument.
     """
     from ..errors import ImageLoadError
     from ..faces.image import load_image
-
+    for flag, value in (options or {}).items():
+        if value not in _CHOICES[flag]:
+            raise ValueError(f"{flag} {value!r}: choose {', '.join(_CHOICES[flag])}")
+    for flag, v in (("--height", height), ("--width", width)):
+        if v < 16 or v % 16:
+            near = sorted({max(16, v // 16 * 16), v // 16 * 16 + 16})
+            raise ValueError(f"{flag} {v}: must be a positive multiple of 16 pixels (FLUX: 8x VAE, 2x2 patches); "
+                             f"e.g. {' or '.join(map(str, near))}")
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: must be at least 1")
+    boxes = None
+    if box:
+        if layout is not None:
+            raise ValueError("give either --box or --layout, not both")
+        parsed = [_parse_box(b) for b in box]
+        if len(parsed) != len(refs):
+            raise ValueError(f"{len(parsed)} --box for {len(refs)} --ref: give one box per reference, in order")
+        for text, (x1, y1, x2, y2) in zip(box, parsed, strict=True):
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+                raise ValueError(f"--box {text}: holds NaN or infinity")
+            if x2 <= x1 or y2 <= y1:
+                raise ValueError(f"--box {text}: empty box: need x2 > x1 and y2 > y1 (x1,y1 is the top-left corner)")
+            if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+                raise ValueError(f"--box {text}: lies entirely outside the {width}x{height} image")
+        boxes = parsed
+    if out is not None:
+        if out.is_dir() or str(out).endswith(("/", "\\")):
+            raise ValueError(f"--out {out}: is a folder; give an image file name, e.g. {Path(out) / 'out.png'}")
+        if out.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; use "
+                             f"{', '.join(IMAGE_SUFFIXES)}")
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
     files = [("--ref", Path(r)) for r in refs] + ([("--layout", layout)] if layout is not None else [])
     for flag, path in files:
         if not path.exists():
@@ -44,13 +98,33 @@ def validate_generate_args(refs: list[str], height: int, width: int, steps: int,
                 load_image(path)
             except ImageLoadError as exc:
                 raise ValueError(f"{flag} {path}: {exc.reason}") from exc
-    for flag, v in (("--height", height), ("--width", width)):
-        if v < 16 or v % 16:
-            near = sorted({max(16, v // 16 * 16), v // 16 * 16 + 16})
-            raise ValueError(f"{flag} {v}: must be a positive multiple of 16 pixels (FLUX: 8x VAE, 2x2 patches); "
-                             f"e.g. {' or '.join(map(str, near))}")
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: must be at least 1")
+    return boxes
+
+
+def prepare_faces(refs: list[str], layout: Path | None, boxes: list | None, height: int, width: int, *,
+                  tiny: bool, face_pack: str, need_crop: bool, reference_face: str) -> tuple[Any, list, Any]:
+    """The face analyzer, each reference's :class:`~withanyone.pipeline.Reference` and the boxes (a layout
+    photo's faces mapped to the output), computed before FLUX loads so a photo without a face fails first."""
+    from ..faces import FaceAnalyzer
+    from .layout import resolve_boxes
+    from .references import ARCFACE_DIM, DLIB_DIM, prepare_references
+
+    photos = any(not str(r).endswith(".npy") for r in refs) or layout is not None
+    analyzer = None
+    if photos:
+        if tiny:
+            analyzer = FaceAnalyzer("dlib")
+        else:
+            from .pipeline import REFERENCE_DET_THRESH
+
+            analyzer = FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=REFERENCE_DET_THRESH)
+    dim = DLIB_DIM if tiny else ARCFACE_DIM
+    references = prepare_references(refs, analyzer, need_crop=need_crop, dim=dim, reference_face=reference_face)
+    for r, path in zip(references, refs, strict=True):
+        r.source = str(path)
+    if layout is not None:
+        boxes = resolve_boxes(str(layout), len(refs), height, width, analyzer=analyzer)
+    return analyzer, references, boxes
 
 
 def generate_command(
@@ -78,7 +152,17 @@ def generate_command(
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Scale of the LoRA(s)."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu or auto."),
-    offload: bool = typer.Option(False, "--offload", help="enable_model_cpu_offload() (low GPU memory)."),
+    offload: bool = typer.Option(False, "--offload", help="Model CPU offload (= --low-vram model-offload)."),
+    low_vram: str | None = typer.Option(None, "--low-vram", help="Memory preset: none, model-offload, group-offload, "
+                                        "nf4, 24gb, 16gb, 12gb, 8gb (docs/pipeline.md)."),
+    base_quantization: str | None = typer.Option(None, "--base-quantization", help="Transformer storage: bf16, "
+                                                 "fp8, int8 or nf4 (CUDA); overrides --low-vram."),
+    adapter_quantization: str | None = typer.Option(None, "--adapter-quantization", help="Adapter storage: bf16, "
+                                                    "fp8 or int8; overrides --low-vram."),
+    text_encoder_quantization: str | None = typer.Option(None, "--text-encoder-quantization", help="T5 storage: "
+                                                         "bf16, fp8 or int8; overrides --low-vram."),
+    transformer_file: Path | None = typer.Option(None, "--transformer-file", help="Single-file transformer instead "
+                                                 "of the base's: GGUF (Q8_0, Q5/Q4, K-quants) or fp8 .safetensors."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     timestep_shift: str = typer.Option("release", "--timestep-shift", help="release (the authors' inference) or "
@@ -101,59 +185,83 @@ def generate_command(
     height = height if height is not None else (TINY_SIZE if tiny else 1024)
     width = width if width is not None else (TINY_SIZE if tiny else 1024)
     steps = steps if steps is not None else (TINY_STEPS if tiny else 25)
-    boxes = [_parse_box(b) for b in box] if box else None
-    if boxes is not None and layout is not None:
-        raise typer.BadParameter("give either --box or --layout, not both")
-    if boxes is not None and len(boxes) != len(ref):
-        raise typer.BadParameter(f"{len(boxes)} --box for {len(ref)} --ref: give one box per reference")
-    for flag, value, allowed in (("--timestep-shift", timestep_shift, ("release", "flux")),
-                                 ("--noise", noise, ("release", "cpu")),
-                                 ("--reference-face", reference_face, ("score", "largest"))):
-        if value not in allowed:
-            raise typer.BadParameter(f"{flag} {value!r}: choose {' or '.join(allowed)}")
 
-    try:  # cheap checks first: nothing heavy has loaded yet
-        validate_generate_args(list(ref), height, width, steps, layout)
+    def fail(message: object) -> typer.Exit:
+        console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        return typer.Exit(1)
+
+    try:  # every cheap check first: nothing heavy has loaded yet
+        boxes = validate_generate_args(list(ref), height, width, steps, layout, box=list(box or []), out=out,
+                                       options={"--timestep-shift": timestep_shift, "--noise": noise,
+                                                "--reference-face": reference_face, "--dtype": dtype})
+        from .device import resolve_device
+
+        device = resolve_device(device)
+        from . import memory
+
+        mem = memory.resolve_memory(low_vram, base_quantization=base_quantization,
+                                    adapter_quantization=adapter_quantization, offload=offload or None,
+                                    text_encoder_quantization=text_encoder_quantization)
+        why = memory.check_available(mem, device, transformer_file)
+        if why:
+            raise ValueError(why)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
 
     import torch
 
+    from ..errors import WithAnyoneError
     from .pipeline import WithAnyonePipeline
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise typer.BadParameter(f"--dtype {dtype!r} is not a torch dtype")
+    torch_dtype = getattr(torch, dtype)
+    if tiny:
+        dtype = "float32"
+    else:  # the base's files exist (locally, or cached when offline) before the face model loads
+        from .loading import check_base
 
-    from ..errors import WithAnyoneError
+        try:
+            check_base(base, None, offline or None, skip=("transformer",) if transformer_file is not None else ())
+        except (WithAnyoneError, FileNotFoundError) as exc:
+            raise fail(exc if "hf download" in str(exc) else f"{exc}; {download_hint(base)}") from exc
+
+    try:  # the faces of every reference photo and of the layout photo, before FLUX loads (~35 GB)
+        analyzer, references, boxes = prepare_faces(list(ref), layout, boxes, height, width, tiny=tiny,
+                                                    face_pack=face_pack, need_crop=siglip_weight > 0,
+                                                    reference_face=reference_face)
+    except (WithAnyoneError, ValueError, FileNotFoundError) as exc:
+        raise fail(" ".join(str(exc).split())) from exc
 
     if tiny:
         from .tiny import tiny_pipeline
 
         console.print(f"[yellow]{TINY_NOTE}[/]")
-        pipe = tiny_pipeline()
-        dtype = "float32"
-    else:
-        console.print(f"loading {base} + {adapter} ({dtype}, {device})")
+        pipe = tiny_pipeline(face_analyzer=analyzer if analyzer is not None else "dlib")
         try:
-            pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip, face_pack=face_pack,
-                                                      torch_dtype=torch_dtype, local_files_only=offline or None)
+            memory.apply_memory(pipe, mem, device, compute_dtype=torch.float32, quantize_base=True,
+                                transformer_file=transformer_file, place=False)
+        except WithAnyoneError as exc:
+            raise fail(exc) from exc
+    else:
+        console.print(f"loading {base} + {adapter} ({dtype}, {device}; memory {mem.summary()})")
+        try:
+            from dataclasses import replace
+
+            pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip,
+                                                      face_pack=analyzer if analyzer is not None else face_pack,
+                                                      torch_dtype=torch_dtype, local_files_only=offline or None,
+                                                      low_vram=replace(mem, offload="none"),
+                                                      transformer_file=transformer_file)
         except (WithAnyoneError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from exc
+            raise fail(exc) from exc
+        pipe.model_sources["face_pack"] = str(face_pack)
+        pipe.memory = mem
     for i, lo in enumerate(lora or []):
         pipe.load_lora_weights(lo, adapter_name=f"lora{i}")
     if lora:
         pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
-    if offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    memory.apply_offload(pipe, mem.offload, device)
     pipe.set_progress_bar_config(disable=True)
     if matting:
         pipe.set_matting(matting_model)
@@ -165,25 +273,24 @@ def generate_command(
     try:
         with bar:
             task = bar.add_task("denoising", total=steps)
-            result = pipe(prompt, references=list(ref), boxes=str(layout) if layout is not None else boxes,
+            result = pipe(prompt, references=references, boxes=boxes,
                           id_weight=id_weight, siglip_weight=siglip_weight, height=height, width=width,
                           num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           timestep_shift=timestep_shift, noise=noise, reference_face=reference_face,
                           use_matting=matting,
                           step_callback=lambda i, n: bar.update(task, completed=i))
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
 
     from .sidecar import build_sidecar, write_image_and_sidecar
 
     image = result.images[0]
     sidecar = build_sidecar(
         pipe, result, prompt=prompt, references=list(ref),
-        box_mode="explicit" if boxes is not None else ("layout" if layout is not None else "auto"),
+        box_mode="explicit" if box else ("layout" if layout is not None else "auto"),
         layout=str(layout) if layout is not None else None, id_weight=id_weight, siglip_weight=siglip_weight,
         height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
-        dtype=dtype, device=device, offload=offload, output=str(out),
+        dtype=dtype, device=device, offload=mem.offload, output=str(out), memory=memory.describe(mem),
         timestep_shift=timestep_shift, noise=noise, reference_face=reference_face, matting=matting,
         matting_model=matting_model if matting else None, **({"tiny": True, "note": TINY_NOTE} if tiny else {}))
     sidecar_path = write_image_and_sidecar(out, image, sidecar)

@@ -90,6 +90,12 @@ PRESETS: dict[str, MemoryPreset] = {p.name: p for p in (
 )}
 
 
+def describe(p: MemoryPreset) -> dict[str, str]:
+    """The settings of ``p`` for a sidecar or a log line."""
+    return {"preset": p.name, "base": p.base, "adapter": p.adapter, "text_encoder": p.text_encoder,
+            "offload": p.offload}
+
+
 def _choose(kind: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise MemoryConfigError(f"{kind} {value!r}: choose from {', '.join(allowed)}")
@@ -143,6 +149,25 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _stored_quantised(path: str | os.PathLike | None) -> bool:
+    """Whether a single-file transformer keeps its own format (GGUF, or float8 tensors in a safetensors header)."""
+    if path is None:
+        return False
+    file = Path(path).expanduser()
+    if file.suffix.lower() == ".gguf":
+        return True
+    try:
+        import json
+        import struct
+
+        with open(file, "rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(min(size, 100_000_000)))
+    except (OSError, ValueError, struct.error):
+        return False
+    return any(isinstance(v, dict) and str(v.get("dtype", "")).startswith("F8") for v in header.values())
+
+
 def _cuda(device: Any) -> bool:
     import torch
 
@@ -153,11 +178,11 @@ def _cuda(device: Any) -> bool:
 
 def check_available(p: MemoryPreset, device: Any = None, transformer_file: str | os.PathLike | None = None) -> str | None:
     """None when ``p`` can run on ``device`` here, else one line saying why not (checked before anything loads)."""
-    if p.base == "nf4" and transformer_file is None:
+    if p.base == "nf4" and not _stored_quantised(transformer_file):
         if not _cuda(device):
-            return (f"base format nf4 ({p.name}) needs a CUDA GPU and bitsandbytes; this machine "
-                    f"{'has no CUDA GPU' if device is None or str(device) == 'auto' else f'runs on {device}'} "
-                    "(use fp8 or int8, or a GGUF --transformer-file)")
+            here = "no CUDA GPU is present" if device is None or str(device) == "auto" else f"the device is {device}"
+            return (f"base format nf4 (preset {p.name}) needs a CUDA GPU and bitsandbytes, and {here}; use fp8 or "
+                    "int8, or a GGUF --transformer-file")
         if not _installed("bitsandbytes"):
             return "base format nf4 needs bitsandbytes (pip install bitsandbytes), which is not installed"
     formats = [p.adapter, p.text_encoder] + ([p.base] if transformer_file is None else [])
@@ -283,13 +308,32 @@ def _base_config(base: Any, revision: str | None, local_files_only: bool | None)
     return _Source(base, revision, local_files_only, "FLUX base").file("transformer/config.json").parent.parent
 
 
-def load_transformer_file(path: str | os.PathLike, *, base: Any = None, torch_dtype: Any = None,
-                          fmt: str = "bf16", revision: str | None = None,
+def _config_folder(file: Path, base: Any, config: dict[str, Any] | None, revision: str | None,
+                   local_files_only: bool | None, tmp: str) -> Path:
+    """A folder with ``transformer/config.json``: written from ``config`` into ``tmp``, or ``base``'s."""
+    import json
+
+    if config is not None:
+        (Path(tmp) / "transformer").mkdir()
+        clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+        (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(clean))
+        return Path(tmp)
+    if base is None:
+        raise MemoryConfigError(f"--transformer-file {file}: needs the base model's transformer/config.json "
+                                "for its architecture (pass --base / base=)")
+    return _base_config(base, revision, local_files_only)
+
+
+def load_transformer_file(path: str | os.PathLike, *, base: Any = None, config: dict[str, Any] | None = None,
+                          torch_dtype: Any = None, fmt: str = "bf16", revision: str | None = None,
                           local_files_only: bool | None = None) -> Any:
     """A user's single-file transformer: GGUF (any quant type diffusers reads; BFL or diffusers key names) or a
     ``.safetensors`` (fp8 / bf16 / fp32, BFL or diffusers key names). GGUF and fp8 files keep their own storage
-    format; a full-precision file is then stored in ``fmt``. The architecture comes from ``base``'s
-    ``transformer/config.json`` (GGUF) or from the tensor shapes (BFL safetensors)."""
+    format; a full-precision file is then stored in ``fmt``. The architecture comes from ``config`` (a
+    ``FluxTransformer2DModel`` config dict) or ``base``'s ``transformer/config.json``; a BFL safetensors file
+    without either infers it from its tensor shapes."""
+    import tempfile
+
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -311,32 +355,36 @@ def load_transformer_file(path: str | os.PathLike, *, base: Any = None, torch_dt
             raise MemoryConfigError(f"--transformer-file {file}: not a GGUF file diffusers reads ({exc})") from None
         if _is_bfl(sd):
             sd = bfl_to_diffusers(sd)
-        if base is None:
-            raise MemoryConfigError(f"--transformer-file {file}: a GGUF file needs the base model's "
-                                    "transformer/config.json (pass base=)")
-        config = _base_config(base, revision, local_files_only)
-        model = FluxTransformer2DModel.from_single_file(
-            sd, config=str(config), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = _config_folder(file, base, config, revision, local_files_only, tmp)
+            try:
+                model = FluxTransformer2DModel.from_single_file(
+                    sd, config=str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
+                    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise MemoryConfigError(f"--transformer-file {file}: does not fit the base's transformer "
+                                        f"({' '.join(str(exc).split())[:300]})") from None
         return model.eval()
     try:
         sd = load_safetensors(file)
     except CheckpointError as exc:
         raise MemoryConfigError(f"--transformer-file {file}: {exc}") from None
     stored_fp8 = any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in sd.values())
-    if _is_bfl(sd):
+    if _is_bfl(sd) and config is None and base is None:
         from ..model.checkpoint import split_authors_state_dict
 
         _, base_sd = split_authors_state_dict(sd)  # a release-style single file may carry adapter keys too
         model = load_bfl_transformer(base_sd)
     else:
-        if base is None:
-            raise MemoryConfigError(f"--transformer-file {file}: diffusers key names need the base model's "
-                                    "transformer/config.json (pass base=)")
-        config = FluxTransformer2DModel.load_config(str(_base_config(base, revision, local_files_only)),
-                                                    subfolder="transformer")
+        if _is_bfl(sd):
+            from ..model.checkpoint import split_authors_state_dict
+
+            sd = bfl_to_diffusers(split_authors_state_dict(sd)[1])
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = FluxTransformer2DModel.load_config(
+                str(_config_folder(file, base, config, revision, local_files_only, tmp)), subfolder="transformer")
         with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(config)
+            model = FluxTransformer2DModel.from_config(cfg)
         result = model.load_state_dict(sd, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise MemoryConfigError(f"--transformer-file {file}: does not fit the base's transformer (missing "
@@ -405,15 +453,28 @@ def apply_offload(pipe: Any, offload: str, device: Any) -> None:
 
 
 def apply_memory(pipe: Any, p: MemoryPreset, device: Any, *, compute_dtype: Any = None,
-                 quantize_base: bool = False) -> Any:
-    """Quantise an already built pipeline's adapter and T5 (and its transformer with ``quantize_base``) as ``p``
-    says, then place it with :func:`apply_offload`; returns ``pipe``."""
+                 quantize_base: bool = False, transformer_file: str | os.PathLike | None = None,
+                 place: bool = True) -> Any:
+    """Apply ``p`` to an already built pipeline (the tiny one, or after ``from_pretrained`` loaded the base):
+    swap in ``transformer_file`` (architecture from the pipeline's own transformer config) or, with
+    ``quantize_base``, store its transformer in ``p.base``; store T5 and the adapter as ``p`` says; then
+    (``place``) put it on ``device`` with :func:`apply_offload`. Returns ``pipe``."""
     dtype = compute_dtype if compute_dtype is not None else pipe.transformer.dtype
-    if quantize_base and p.base != "bf16":
+    if transformer_file is not None:
+        new = load_transformer_file(transformer_file, config=dict(pipe.transformer.config), torch_dtype=dtype,
+                                    fmt=p.base)
+        pipe.register_modules(transformer=new)
+        if getattr(pipe, "adapter", None) is not None:
+            pipe.adapter.attach(new)
+        if hasattr(pipe, "model_sources"):
+            pipe.model_sources["transformer_file"] = {"path": str(Path(transformer_file).expanduser().resolve())}
+    elif quantize_base and p.base != "bf16":
         quantize_transformer(pipe.transformer, p.base, compute_dtype=dtype)
     if p.text_encoder != "bf16" and getattr(pipe, "text_encoder_2", None) is not None:
         quantize_text_encoder(pipe.text_encoder_2, p.text_encoder, compute_dtype=dtype)
     if p.adapter != "bf16" and getattr(pipe, "adapter", None) is not None:
         quantize_adapter(pipe.adapter, p.adapter, compute_dtype=dtype)
-    apply_offload(pipe, p.offload, device)
+    pipe.memory = p
+    if place:
+        apply_offload(pipe, p.offload, device)
     return pipe

@@ -52,8 +52,9 @@ def _hub_cache() -> str | None:
 
 
 def _download_hint(repo: str) -> str:
-    return (f"get it once with `hf download {repo}` (FLUX.1-dev is gated: accept its licence on the hub and run "
-            f"`hf auth login` first), or set pretrained_model to a local diffusers folder")
+    from withanyone.hub import download_hint
+
+    return f"{download_hint(repo)}; or set pretrained_model to a local diffusers folder"
 
 
 def check_pretrained_model(config: Any) -> None:
