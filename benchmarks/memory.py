@@ -262,6 +262,7 @@ def _gb(b: float) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="512² slice, 5 repeats (default: 256², 2 repeats)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per combination (default 2; --full 5)")
     ap.add_argument("--no-speed", action="store_true", help="bytes only (no accuracy / speed on the slice)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     size, text_len, repeats = (512, 128, 5) if args.full else (256, 64, 2)
+    repeats = args.repeats or repeats
 
     # counts on the meta device
     meta = {"transformer": fd.transformer(), "adapter": fd.adapter(), "t5": fd.t5(), "clip": fd.clip(),
