@@ -20,6 +20,10 @@ Measured, at 1024² (4096 image + 512 text tokens), 2 people with 256² face box
    (accelerate hooks: a model moves to the GPU when called, the previous one back to the CPU),
    ``group_offload`` (diffusers block-level group offload of the transformer with a CUDA stream; the adapter
    stays resident) and ``int8_weight_only`` (torchao) or ``qint8`` (optimum-quanto) where installed.
+2b. True peak VRAM of every ``withanyone.pipeline.memory`` preset (``none`` … ``8gb``) on a whole random
+   pipeline placed by the library's own ``apply_memory`` (formats of base / adapter / T5, offload): SigLIP on 2
+   crops, CLIP + T5 on a prompt, two transformer steps with identities, the VAE decode; ``nf4`` needs
+   bitsandbytes and is skipped with the reason where it cannot run.
 3. ``torch.compile`` of the transformer with the adapter attached and identities active: compile time
    (first call), graphs and graph breaks seen by Dynamo, speed-up over eager.
 
@@ -47,14 +51,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _flux_dev import FLUX_DEV, SIGLIP_BASE  # noqa: E402
 
 GB = 1e9
-FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
 TINY = dict(num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
             joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 28, 28))
-SIGLIP_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=256, patch_size=16)
 SIGLIP_TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=2)
 VARIANTS = {
@@ -307,6 +310,62 @@ def preset_run(name: str, s: Setup, timer: Timer, repeats: int) -> dict[str, Any
     return out  # the components go with this frame; the caller resets the peak
 
 
+def memory_preset_run(name: str, s: Setup, timer: Timer) -> dict[str, Any]:
+    """One ``withanyone.pipeline.memory`` preset on a whole random pipeline: peak device memory over SigLIP,
+    both text encoders, two transformer steps with identities and the VAE decode, and the step time."""
+    from withanyone.pipeline import WithAnyonePipeline
+    from withanyone.pipeline.memory import PRESETS, apply_memory, check_available
+    from withanyone.pipeline.tiny import tiny_scheduler, tiny_text_encoders, tiny_tokenizers, tiny_vae
+
+    p = PRESETS[name]
+    why = check_available(p, s.device)
+    if why:
+        raise RuntimeError(why)
+    dev = s.device
+    reset_peak(dev)
+    if s.flux is FLUX_DEV:
+        import _flux_dev as fd
+
+        clip, t5, vae = fd.clip("cpu", s.dtype), fd.t5("cpu", s.dtype), fd.vae("cpu", s.dtype)
+    else:
+        clip, t5 = (m.to(s.dtype) for m in tiny_text_encoders())
+        vae = tiny_vae().to(s.dtype)
+    clip_tok, t5_tok = tiny_tokenizers()  # token ids are all the encoders need; the weights are random anyway
+    transformer, adapter, siglip = build_transformer(s, "cpu"), build_adapter(s, "cpu"), build_siglip(s, "cpu")
+    pipe = WithAnyonePipeline(scheduler=tiny_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                              text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer, adapter=adapter)
+    apply_memory(pipe, p, dev, compute_dtype=s.dtype, quantize_base=True)
+    reset_peak(dev)
+    t0 = time.perf_counter()
+    siglip.to(dev)
+    ids = identity_inputs(s, siglip)
+    if p.offload != "none":
+        siglip.to("cpu")  # the pipeline hands SigLIP back under offload
+    adapter.to(dev)  # the pipeline keeps the adapter on the device for the whole call
+    with torch.inference_mode():
+        embeds, pooled, _ = pipe.encode_prompt("a photo of two people", device=dev, max_sequence_length=s.text_len)
+    inputs = step_inputs(s)
+    inputs.update(encoder_hidden_states=embeds.to(s.dtype), pooled_projections=pooled.to(s.dtype))
+    spec = VARIANTS["ours_siglip"]
+    out = {}
+
+    def forward():
+        with torch.inference_mode():
+            out["latents"] = transformer(**inputs)[0]
+
+    with variant(adapter, transformer, spec, ids):
+        forward()
+        step = timer(forward)
+    with torch.inference_mode():
+        z = pipe._unpack_latents(out["latents"], s.size, s.size, pipe.vae_scale_factor)
+        pipe.vae.decode(z.to(s.dtype), return_dict=False)
+    result = {"peak_vram_gb": peak_gb(dev), "step_s": step, "call_s": time.perf_counter() - t0,
+              "formats": p.summary()}
+    pipe.maybe_free_model_hooks()
+    adapter.detach()
+    return result
+
+
 def compile_run(s: Setup, timer: Timer, repeats: int) -> dict[str, Any]:
     """torch.compile of the transformer with the adapter attached (ours SigLIP active): time and graph breaks."""
     import torch._dynamo as dynamo
@@ -442,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; dry run 1)")
     ap.add_argument("--size", type=int, default=None, help="image side (default 1024; dry run 128)")
     ap.add_argument("--presets", default="bf16,model_cpu_offload,group_offload,quantized")
+    ap.add_argument("--memory-presets", default=None,
+                    help="withanyone.pipeline.memory presets to run on a whole random pipeline (default: all; "
+                         "'' for none)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-backend", default=None, help="default inductor (dry run: eager)")
     args = ap.parse_args(argv)
@@ -495,6 +557,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  preset {name:18s} skipped: {presets[name]['skipped']}", flush=True)
             reset_peak(s.device)
 
+    # 2b. the library's memory presets on a whole pipeline (true peak VRAM on CUDA)
+    from withanyone.pipeline.memory import PRESETS as MEMORY_PRESETS
+
+    memory: dict[str, Any] = {}
+    names = list(MEMORY_PRESETS) if args.memory_presets is None else [n for n in args.memory_presets.split(",") if n]
+    for name in names:
+        try:
+            memory[name] = memory_preset_run(name, s, timer)
+            r = memory[name]
+            peak = "n/a (CPU)" if r["peak_vram_gb"] is None else f"{r['peak_vram_gb']:.2f} GB"
+            print(f"  memory preset {name:14s} peak {peak}, step {1e3 * r['step_s']:9.2f} ms, whole call "
+                  f"{r['call_s']:.1f}s  [{r['formats']}]", flush=True)
+        except Exception as exc:  # noqa: BLE001 — nf4 without bitsandbytes must not end the suite
+            memory[name] = {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            print(f"  memory preset {name:14s} skipped: {memory[name]['skipped']}", flush=True)
+        reset_peak(s.device)
+
     # 3. torch.compile
     comp = None
     if not args.no_compile:
@@ -515,6 +594,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_vram_gb": {k: (None if "skipped" in v or v["peak_vram_gb"] is None else round(v["peak_vram_gb"], 2))
                          for k, v in presets.items()},
         "preset_step_ms": {k: (None if "skipped" in v else round(1e3 * v["step_s"], 2)) for k, v in presets.items()},
+        "memory_preset_peak_vram_gb": {k: (None if "skipped" in v or v["peak_vram_gb"] is None
+                                           else round(v["peak_vram_gb"], 2)) for k, v in memory.items()},
+        "memory_preset_step_ms": {k: (None if "skipped" in v else round(1e3 * v["step_s"], 2))
+                                  for k, v in memory.items()},
         "compile_speedup": None if comp is None else round(comp["speedup"], 3),
         "compile_s": None if comp is None else round(comp["compile_s"], 1),
         "graph_breaks": None if comp is None else comp["graph_breaks"],

@@ -28,7 +28,8 @@ def _last_json(capsys) -> dict:
 
 
 def test_dry_run_measures_every_variant_preset_and_compile(gpu, capsys):
-    result = gpu.main(["--dry-run", "--repeats", "1", "--warmup", "0"])
+    # memory presets: no offload, model offload + quantised base and adapter, group offload + nf4 (skipped on CPU)
+    result = gpu.main(["--dry-run", "--repeats", "1", "--warmup", "0", "--memory-presets", "none,16gb,8gb"])
     assert _last_json(capsys) == result  # the last line is the JSON object
     assert result["dry_run"] is True
     assert set(result["step_ms"]) == {"plain", "ours_arcface", "ours_siglip", "authors_dense"}
@@ -40,6 +41,13 @@ def test_dry_run_measures_every_variant_preset_and_compile(gpu, capsys):
     assert all(v is None for v in result["peak_vram_gb"].values())  # no CUDA memory on the CPU
     for name in ("bf16", "model_cpu_offload", "group_offload"):  # these run on the CPU too
         assert result["preset_step_ms"][name] > 0
+    # the library's memory presets on a whole tiny pipeline: those that run on a CPU do (nf4 needs CUDA)
+    from withanyone.pipeline.memory import PRESETS
+
+    assert set(result["memory_preset_step_ms"]) == {"none", "16gb", "8gb"}
+    for name, ms in result["memory_preset_step_ms"].items():
+        assert (ms is None) == (PRESETS[name].base == "nf4"), name
+    assert all(v is None for v in result["memory_preset_peak_vram_gb"].values())
     # torch.compile with the adapter attached: no graph break per block, no recompile per generation
     assert result["compile_speedup"] > 0
     assert result["graph_breaks"] < 4  # 2 double + 2 single blocks

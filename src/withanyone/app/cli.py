@@ -18,6 +18,8 @@ def app_command(
     siglip: str = typer.Option("google/siglip-base-patch16-256-i18n", "--siglip", help="SigLIP hub id or folder."),
     face_pack: str = typer.Option("antelopev2", "--face-pack", help="insightface pack (name or folder)."),
     low_vram: str = typer.Option("none", "--low-vram", help=f"Memory preset: {', '.join(PRESETS)}."),
+    transformer_file: str | None = typer.Option(None, "--transformer-file", help="Single-file transformer instead "
+                                                "of the base's: GGUF (Q8_0, Q5/Q4, K-quants) or fp8 .safetensors."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:N), mps or xpu."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random model, no weights needed (images are noise)."),
@@ -45,7 +47,8 @@ def app_command(
 
     try:
         launch(LoadOptions(base=base, adapter=adapter, siglip=siglip, face_pack=face_pack, low_vram=low_vram,
-                           tiny=tiny, offline=offline, device=device), host=host, port=port, share=share, out_dir=out)
+                           tiny=tiny, transformer_file=transformer_file, offline=offline, device=device),
+               host=host, port=port, share=share, out_dir=out)
     except OSError as exc:  # the port was taken between the check and the launch
         typer.echo(f"error: --port {port}: cannot serve on {host}:{port} ({' '.join(str(exc).split())})", err=True)
         raise typer.Exit(1) from exc

@@ -3,29 +3,22 @@ becomes a message for the screen instead of a crash."""
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-#: Low-VRAM presets: name → what it does (shown in the app and the docs). diffusers' sequential CPU offload is
-#: not offered: with the pinned accelerate + torch 2.13 it fails even for a plain FluxPipeline (see docs/app.md).
-PRESETS: dict[str, str] = {
-    "none": "everything on the device (fastest; needs the most memory)",
-    "model-offload": "diffusers enable_model_cpu_offload(): one model on the GPU at a time (the adapter rides "
-                     "with the transformer)",
-    "group-offload": "diffusers group offload (block level, 1 block per group, CUDA stream prefetch) on the "
-                     "transformer and T5; the adapter, CLIP, VAE stay on the GPU",
-    "nf4": "transformer quantized to 4-bit NF4 with bitsandbytes, plus model offload (needs bitsandbytes)",
-}
+from ..pipeline import memory as _memory
+
+#: Low-VRAM presets: the library's (:data:`withanyone.pipeline.memory.PRESETS`, name → formats + offload +
+#: description), shown in the app and the docs. diffusers' sequential CPU offload is not offered: with the pinned
+#: accelerate + torch 2.13 it fails even for a plain FluxPipeline (see docs/app.md).
+PRESETS = _memory.PRESETS
 
 
-def preset_available(name: str) -> str | None:
-    """None when ``name`` can run here, else why not."""
+def preset_available(name: str, device: str | None = None, transformer_file: str | None = None) -> str | None:
+    """None when preset ``name`` can run here (on ``device``), else why not."""
     if name not in PRESETS:
         return f"unknown preset {name!r} (choose from {', '.join(PRESETS)})"
-    if name == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-        return "preset nf4 needs bitsandbytes (pip install bitsandbytes), which is not installed"
-    return None
+    return _memory.check_available(PRESETS[name], device, transformer_file)
 
 
 @dataclass
@@ -37,6 +30,7 @@ class LoadOptions:
     siglip: str = "google/siglip-base-patch16-256-i18n"
     face_pack: str = "antelopev2"
     low_vram: str = "none"
+    transformer_file: str | None = None
     tiny: bool = False
     offline: bool = False
     device: str = "auto"
@@ -61,72 +55,52 @@ class LoadedModels:
 
 
 def apply_preset(pipe: Any, preset: str, device: str) -> None:
-    """Place ``pipe`` on ``device`` according to the low-VRAM ``preset``."""
-    if preset == "none":
-        pipe.to(device)
-    elif preset in ("model-offload", "nf4"):
-        pipe.enable_model_cpu_offload(device=device)
-    elif preset == "group-offload":
-        import torch
-
-        onload = torch.device(device)
-        use_stream = onload.type == "cuda"
-        from diffusers.hooks import apply_group_offloading
-
-        for name in ("transformer", "text_encoder_2"):
-            apply_group_offloading(getattr(pipe, name), onload_device=onload, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
-        for name in ("text_encoder", "vae", "adapter"):
-            mod = getattr(pipe, name, None)
-            if mod is not None:
-                mod.to(onload)
-    else:
+    """Place ``pipe`` on ``device`` according to the low-VRAM ``preset``'s offload scheme."""
+    if preset not in PRESETS:
         raise ValueError(preset_available(preset) or preset)
+    _memory.apply_offload(pipe, PRESETS[preset].offload, device)
 
 
 def load_models(opts: LoadOptions) -> LoadedModels:
-    """Build the pipeline for the app; any missing file or bad option is returned as ``error`` text."""
+    """Build the pipeline for the app; any missing file or bad option is returned as ``error`` text.
+
+    The preset's storage formats apply on every device (int8/fp8 also save CPU memory); its offload is
+    skipped on the CPU, where there is no GPU memory to save."""
     import torch
 
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     notes: list[str] = []
     preset = opts.low_vram
-    why = preset_available(preset)
+    why = preset_available(preset, device, opts.transformer_file)
     if why:
         return LoadedModels(None, why, preset, device, "-", opts.tiny)
+    mem = PRESETS[preset]
+    if device == "cpu" and mem.offload != "none":
+        notes.append(f"offload of preset {preset} skipped on CPU")
+        mem = replace(mem, offload="none")
+    from ..errors import WithAnyoneError
+
     if opts.tiny:
         from ..pipeline.tiny import tiny_pipeline
 
         pipe = tiny_pipeline()
-        if device == "cpu" and preset != "none":
-            notes.append(f"low-VRAM preset {preset} ignored on CPU")
-            preset = "none"
-        apply_preset(pipe, preset, device)
+        try:
+            _memory.apply_memory(pipe, mem, device, compute_dtype=torch.float32, quantize_base=True,
+                                 transformer_file=opts.transformer_file)
+        except (WithAnyoneError, ValueError) as exc:
+            return LoadedModels(None, str(exc), preset, device, "-", True, notes)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModels(pipe, None, preset, device, "float32", True, notes)
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if device == "cpu" and preset != "none":
-        notes.append(f"low-VRAM preset {preset} ignored on CPU")
-        preset = "none"
-    from ..errors import WithAnyoneError
     from ..pipeline.pipeline import WithAnyonePipeline
 
-    kwargs: dict[str, Any] = {}
     try:
-        if preset == "nf4":
-            from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
-
-            kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(
-                opts.base, subfolder="transformer", torch_dtype=torch.bfloat16,
-                local_files_only=opts.offline or None,
-                quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=torch.bfloat16))
         pipe = WithAnyonePipeline.from_pretrained(opts.base, adapter=opts.adapter, siglip=opts.siglip,
                                                   face_pack=opts.face_pack, torch_dtype=getattr(torch, dtype),
-                                                  local_files_only=opts.offline or None, **kwargs)
+                                                  local_files_only=opts.offline or None, low_vram=mem,
+                                                  transformer_file=opts.transformer_file, device=device)
     except (WithAnyoneError, FileNotFoundError, OSError, ValueError) as exc:
         return LoadedModels(None, missing_weights_message(exc, opts), preset, device, dtype, False, notes)
-    apply_preset(pipe, preset, device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModels(pipe, None, preset, device, dtype, False, notes)
 

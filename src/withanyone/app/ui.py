@@ -25,7 +25,7 @@ def banner(models: LoadedModels) -> str:
     notes = "".join(f" ({n})" for n in models.notes)
     what = TINY_BANNER + "\n\n" if models.tiny else ""
     return (f"{what}Model ready on **{models.device}** ({models.dtype}); low-VRAM preset: **{models.preset}** — "
-            f"{PRESETS[models.preset]}{notes}")
+            f"{PRESETS[models.preset].description}{notes}")
 
 
 def _names(n: int, names: list[str]) -> list[str]:

@@ -210,11 +210,30 @@ _GEN_HELP = {
 }
 
 
-def _spec(pipeline: str, tiny: bool, steps: int | None, guidance: float, base: str, adapter: str):
+def _spec(pipeline: str, tiny: bool, steps: int | None, guidance: float, base: str, adapter: str,
+          memory: dict | None = None):
     from .generate import MethodSpec
 
     pretrained = {k: v for k, v in (("base", base), ("adapter", adapter)) if v}
-    return MethodSpec(pipeline=pipeline, tiny=tiny, steps=steps, guidance=guidance, pretrained=pretrained)
+    return MethodSpec(pipeline=pipeline, tiny=tiny, steps=steps, guidance=guidance, pretrained=pretrained,
+                      memory={k: v for k, v in (memory or {}).items() if v})
+
+
+def _memory_settings(low_vram: str, base_quantization: str, adapter_quantization: str, offload: str,
+                     transformer_file: str) -> dict:
+    """The memory options, checked here (one error line) before the benchmark or any model loads."""
+    from ..pipeline import memory
+
+    settings = {"low_vram": low_vram or None, "base_quantization": base_quantization or None,
+                "adapter_quantization": adapter_quantization or None, "offload": offload or None}
+    try:
+        mem = memory.resolve_memory(settings["low_vram"], **{k: v for k, v in settings.items() if k != "low_vram"})
+    except memory.MemoryConfigError as exc:
+        fail(str(exc))
+    why = memory.check_available(mem, None, transformer_file or None)
+    if why:
+        fail(why)
+    return {**settings, "transformer_file": transformer_file or None}
 
 
 @app.command("generate")
@@ -240,16 +259,25 @@ def generate_command(
     caption_key: str = typer.Option("prompt", help="Prompt key in meta.json."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    low_vram: str = typer.Option("", "--low-vram", help="Memory preset: none, model-offload, group-offload, nf4, "
+                                 "24gb, 16gb, 12gb, 8gb (docs/pipeline.md)."),
+    base_quantization: str = typer.Option("", help="Transformer storage: bf16, fp8, int8, nf4 (overrides "
+                                          "--low-vram)."),
+    adapter_quantization: str = typer.Option("", help="Adapter storage: bf16, fp8, int8 (overrides --low-vram)."),
+    offload: str = typer.Option("", help="none, model or group (overrides --low-vram)."),
+    transformer_file: str = typer.Option("", help="Single-file transformer: GGUF or fp8 .safetensors."),
 ) -> None:
     """Generate a method's output for every benchmark sample (<out>/<id>.png + <id>.json sidecar)."""
     from ..errors import WithAnyoneError
     from .generate import generate
     from .reproduce import load_benchmark
 
+    memory = _memory_settings(low_vram, base_quantization, adapter_quantization, offload, transformer_file)
     try:
         b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
         stats = generate(b, out or Path("bench-gen") / method, method,
-                         _spec(pipeline, tiny, steps, guidance, base, adapter), subset=subset or None, limit=limit,
+                         _spec(pipeline, tiny, steps, guidance, base, adapter, memory), subset=subset or None,
+                         limit=limit,
                          seed=seed, long_side=size or (64 if tiny else 1024), height=height, width=width,
                          workers=workers, num_gpus=num_gpus, address=address or None, progress=progress)
     except WithAnyoneError as exc:

@@ -172,13 +172,17 @@ class MethodSpec:
     siglip_weight: float = 0.0
     device: str | None = None
     pretrained: dict[str, Any] = field(default_factory=dict)
+    #: Memory settings (``withanyone.pipeline.memory``): ``low_vram``, ``base_quantization``,
+    #: ``adapter_quantization``, ``text_encoder_quantization``, ``offload``, ``transformer_file``.
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """What produced the images (for the sidecars)."""
         if self.pipeline == "withanyone":
             return {"pipeline": "withanyone", "tiny": self.tiny, "steps": self.num_steps, "guidance": self.guidance,
                     "id_weight": self.id_weight, "siglip_weight": self.siglip_weight,
-                    **({"pretrained": self.pretrained} if self.pretrained else {})}
+                    **({"pretrained": self.pretrained} if self.pretrained else {}),
+                    **({"memory": self.memory} if self.memory else {})}
         return {"pipeline": self.pipeline}
 
     @property
@@ -221,17 +225,24 @@ class PipelineMethod:
     def __init__(self, spec: MethodSpec):
         import torch
 
+        from ..pipeline import memory
+
         self.spec = spec
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        settings = dict(spec.memory)
+        transformer_file = settings.pop("transformer_file", None)
+        mem = memory.resolve_memory(settings.pop("low_vram", None), **settings)
         if spec.tiny:
             from ..pipeline.tiny import tiny_pipeline
 
             self.pipe = tiny_pipeline()
+            memory.apply_memory(self.pipe, mem, device, compute_dtype=torch.float32, quantize_base=True,
+                                transformer_file=transformer_file)
         else:
             from ..pipeline import WithAnyonePipeline
 
-            self.pipe = WithAnyonePipeline.from_pretrained(**spec.pretrained)
-        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipe.to(device)
+            self.pipe = WithAnyonePipeline.from_pretrained(**spec.pretrained, low_vram=mem,
+                                                           transformer_file=transformer_file, device=device)
         self.pipe.set_progress_bar_config(disable=True)
 
     def __call__(self, sample: GenerationSample) -> Any:

@@ -151,7 +151,17 @@ def generate_command(
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Scale of the LoRA(s)."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:N), mps or xpu."),
-    offload: bool = typer.Option(False, "--offload", help="enable_model_cpu_offload() (low GPU memory)."),
+    offload: bool = typer.Option(False, "--offload", help="Model CPU offload (= --low-vram model-offload)."),
+    low_vram: str | None = typer.Option(None, "--low-vram", help="Memory preset: none, model-offload, group-offload, "
+                                        "nf4, 24gb, 16gb, 12gb, 8gb (docs/pipeline.md)."),
+    base_quantization: str | None = typer.Option(None, "--base-quantization", help="Transformer storage: bf16, "
+                                                 "fp8, int8 or nf4 (CUDA); overrides --low-vram."),
+    adapter_quantization: str | None = typer.Option(None, "--adapter-quantization", help="Adapter storage: bf16, "
+                                                    "fp8 or int8; overrides --low-vram."),
+    text_encoder_quantization: str | None = typer.Option(None, "--text-encoder-quantization", help="T5 storage: "
+                                                         "bf16, fp8 or int8; overrides --low-vram."),
+    transformer_file: Path | None = typer.Option(None, "--transformer-file", help="Single-file transformer instead "
+                                                 "of the base's: GGUF (Q8_0, Q5/Q4, K-quants) or fp8 .safetensors."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already on disk / in the hub cache."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     timestep_shift: str = typer.Option("release", "--timestep-shift", help="release (the authors' inference) or "
@@ -188,6 +198,14 @@ def generate_command(
         from .device import resolve_device
 
         device = resolve_device(device)
+        from . import memory
+
+        mem = memory.resolve_memory(low_vram, base_quantization=base_quantization,
+                                    adapter_quantization=adapter_quantization, offload=offload or None,
+                                    text_encoder_quantization=text_encoder_quantization)
+        why = memory.check_available(mem, device, transformer_file)
+        if why:
+            raise ValueError(why)
     except ValueError as exc:
         raise fail(exc) from exc
 
@@ -204,7 +222,7 @@ def generate_command(
         from .loading import check_base
 
         try:
-            check_base(base, None, offline or None)
+            check_base(base, None, offline or None, skip=("transformer",) if transformer_file is not None else ())
         except (WithAnyoneError, FileNotFoundError) as exc:
             hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not Path(base).exists()
             raise fail(f"{exc}; {download_hint(base)}" if hub_id and "hf download" not in str(exc) else exc) from exc
@@ -227,25 +245,32 @@ def generate_command(
 
         console.print(f"[yellow]{TINY_NOTE}[/]")
         pipe = tiny_pipeline(face_analyzer=analyzer if analyzer is not None else "dlib")
+        try:
+            memory.apply_memory(pipe, mem, device, compute_dtype=torch.float32, quantize_base=True,
+                                transformer_file=transformer_file, place=False)
+        except WithAnyoneError as exc:
+            raise fail(exc) from exc
     else:
         from .pipeline import WithAnyonePipeline
 
-        console.print(f"loading {base} + {adapter} ({dtype}, {device})")
+        console.print(f"loading {base} + {adapter} ({dtype}, {device}; memory {mem.summary()})")
         try:
+            from dataclasses import replace
+
             pipe = WithAnyonePipeline.from_pretrained(base, adapter=adapter, siglip=siglip,
                                                       face_pack=analyzer if analyzer is not None else face_pack,
-                                                      torch_dtype=torch_dtype, local_files_only=offline or None)
+                                                      torch_dtype=torch_dtype, local_files_only=offline or None,
+                                                      low_vram=replace(mem, offload="none"),
+                                                      transformer_file=transformer_file)
         except (WithAnyoneError, FileNotFoundError) as exc:
             raise fail(exc) from exc
         pipe.model_sources["face_pack"] = str(face_pack)
+        pipe.memory = mem
     for i, lo in enumerate(lora or []):
         pipe.load_lora_weights(lo, adapter_name=f"lora{i}")
     if lora:
         pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
-    if offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    memory.apply_offload(pipe, mem.offload, device)
     pipe.set_progress_bar_config(disable=True)
     if matting:
         pipe.set_matting(matting_model)
@@ -274,7 +299,7 @@ def generate_command(
         box_mode="explicit" if box else ("layout" if layout is not None else "auto"),
         layout=str(layout) if layout is not None else None, id_weight=id_weight, siglip_weight=siglip_weight,
         height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
-        dtype=dtype, device=device, offload=offload, output=str(out),
+        dtype=dtype, device=device, offload=mem.offload, output=str(out), memory=memory.describe(mem),
         timestep_shift=timestep_shift, noise=noise, reference_face=reference_face, matting=matting,
         matting_model=matting_model if matting else None, **({"tiny": True, "note": TINY_NOTE} if tiny else {}))
     sidecar_path = write_image_and_sidecar(out, image, sidecar)

@@ -195,16 +195,33 @@ def load_siglip(siglip: Any, torch_dtype: Any = None, revision: str | None = Non
 
 def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: Any = DEFAULT_ADAPTER,
                     siglip: Any = DEFAULT_SIGLIP, face_pack: Any = DEFAULT_FACE_PACK, *, torch_dtype: Any = None,
-                    revision: str | None = None, local_files_only: bool | None = None, **components: Any) -> Any:
+                    revision: str | None = None, local_files_only: bool | None = None, low_vram: Any = None,
+                    base_quantization: str | None = None, adapter_quantization: str | None = None,
+                    text_encoder_quantization: str | None = None, offload: str | bool | None = None,
+                    transformer_file: str | os.PathLike | None = None, device: Any = None,
+                    **components: Any) -> Any:
     """Build a :class:`WithAnyonePipeline` (see the module docstring); ``components`` override base parts.
 
     ``adapter="default"`` takes the base folder's own ``adapter/`` (a ``WithAnyonePipeline.save_pretrained``
-    output) when it has one, else ``WithAnyone/WithAnyone``.
+    output) when it has one, else ``WithAnyone/WithAnyone``. Memory (:mod:`withanyone.pipeline.memory`):
+    ``low_vram`` names a preset, the ``*_quantization`` / ``offload`` arguments override it, and
+    ``transformer_file`` (GGUF / fp8 safetensors) replaces the base's transformer; every setting is checked before
+    anything loads. An offload other than ``none`` places the pipeline on ``device`` (default: CUDA when present).
     """
     import torch
 
+    from . import memory
+
+    mem = memory.resolve_memory(low_vram, base_quantization=base_quantization,
+                                adapter_quantization=adapter_quantization, offload=offload,
+                                text_encoder_quantization=text_encoder_quantization)
+    where = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    why = memory.check_available(mem, where, transformer_file)
+    if why:
+        raise memory.MemoryConfigError(why)
     dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
-    src = check_base(base, revision, local_files_only, skip=tuple(components))
+    skip = tuple(components) + (("transformer",) if transformer_file is not None else ())
+    src = check_base(base, revision, local_files_only, skip=skip)
     index = json.loads(src.file("model_index.json").read_text())
     if "adapter" in index and "adapter" not in components:
         components["adapter"] = None  # loaded below by our loader (diffusers cannot import it by library name)
@@ -215,6 +232,15 @@ def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: A
     if adapter is not None and not isinstance(adapter, WithAnyoneAdapterType()):
         locate_adapter(adapter, None, local_files_only)  # a missing adapter file fails before the base loads
     folder = str(src.file("model_index.json").parent)
+    if transformer_file is not None and "transformer" not in components:
+        src.file("transformer/config.json")  # the architecture of the single file (fetched into the snapshot)
+    if "transformer" in components:
+        memory.quantize_transformer(components["transformer"], mem.base, compute_dtype=dtype)
+    else:
+        transformer = memory.load_transformer(folder, mem.base, transformer_file=transformer_file, torch_dtype=dtype,
+                                              local_files_only=True)
+        if transformer is not None:
+            components["transformer"] = transformer
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, **_dtype_kwarg(dtype), **components)
@@ -243,4 +269,8 @@ def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: A
         "siglip": {"source": str(siglip)} if siglip is not None else None,
         "face_pack": str(face_pack),
     }
+    if transformer_file is not None:
+        pipe.model_sources["transformer_file"] = {"path": str(Path(transformer_file).expanduser().resolve())}
+    pipe.memory = mem
+    memory.apply_memory(pipe, mem, where, compute_dtype=dtype, place=mem.offload != "none" or device is not None)
     return pipe
