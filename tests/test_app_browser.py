@@ -39,6 +39,25 @@ def _not_blank(path: Path) -> None:
     assert len(np.unique(arr.reshape(-1, 3)[::7], axis=0)) > 200, f"{path} has too few colours"
 
 
+_GEOMETRY = """(sel) => [...document.querySelectorAll(sel + ' img')].map(img => {
+    const r = img.getBoundingClientRect(), w = img.closest('.grid-wrap').getBoundingClientRect();
+    return {fit: getComputedStyle(img).objectFit, img: [r.top, r.bottom, r.left, r.right],
+            wrap: [w.top, w.bottom, w.left, w.right]};})"""
+
+
+def _whole_images(page, galleries: list[str]) -> None:
+    """Each gallery's first-row images lie wholly inside its visible area and are letterboxed, not cropped
+    (Gradio's square thumbnails as wide as a column used to be clipped by the gallery's height)."""
+    for sel in galleries:
+        imgs = page.evaluate(_GEOMETRY, sel)
+        assert imgs, f"{sel}: no image"
+        top = min(i["img"][0] for i in imgs)
+        for i in (i for i in imgs if i["img"][0] == top):
+            (t, b, left, right), (wt, wb, wl, wr) = i["img"], i["wrap"]
+            assert i["fit"] == "contain", (sel, i)
+            assert wt - 0.5 <= t and b <= wb + 0.5 and wl - 0.5 <= left and right <= wr + 0.5, (sel, i)
+
+
 @pytest.fixture(scope="module")
 def studio_url(tmp_path_factory):
     if CHROMIUM is None:
@@ -142,6 +161,7 @@ def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
         expect(img).to_be_visible()
         size = page.evaluate("(el) => [el.naturalWidth, el.naturalHeight]", img.element_handle())
         assert size == [224, 128]
+        _whole_images(page, ["#gallery", "#crops0", "#crops1"])
 
         links = page.locator("#downloads a")
         expect(links).to_have_count(2)
@@ -171,6 +191,7 @@ def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
         expect(page.locator("#bench_info")).to_contain_text("duo")
         expect(page.locator("#bench_table")).to_contain_text("gt-copy")
         expect(page.locator("#bench_table")).to_contain_text("-1.000")
+        _whole_images(page, ["#bench_refs", "#bench_outputs"])
         shot_bench = tmp_path / "studio-bench.png"
         page.screenshot(path=str(shot_bench), full_page=True)
         _not_blank(shot_bench)

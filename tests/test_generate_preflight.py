@@ -4,16 +4,18 @@ give one ``error:`` line and exit 1, and the loaders are never reached (they are
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
-from test_cli_tiny import SAMPLES
 from typer.testing import CliRunner
 
 from withanyone.cli import app
 from withanyone.pipeline import tiny as tiny_module
 from withanyone.pipeline.pipeline import WithAnyonePipeline
 
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "faces"
 OBAMA = str(SAMPLES / "obama" / "1.jpg")
 
 

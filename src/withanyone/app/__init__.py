@@ -19,12 +19,12 @@ def launch(opts: LoadOptions, host: str = "127.0.0.1", port: int = 7860, share: 
     """Load the models (or record why not), build the UI and serve it; returns the Blocks when not blocking."""
     import tempfile
 
-    from .ui import build_ui
+    from .ui import blocks_css_kwargs, build_ui
 
     models = load_models(opts)
     studio = Studio(models, out_dir or tempfile.mkdtemp(prefix="withanyone-studio-"))
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                allowed_paths=[str(studio.out_dir)], show_error=True, quiet=False)
+                allowed_paths=[str(studio.out_dir)], show_error=True, quiet=False, **blocks_css_kwargs(demo.launch))
     return demo

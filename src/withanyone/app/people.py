@@ -137,7 +137,8 @@ def assign_layout(layout: Any, people: Sequence[Reference | None], height: int, 
                   threshold: float | None = None) -> LayoutAssignment:
     """Face boxes of a layout photo for ``people``: matched by identity (Hungarian on cosine similarity) when
     every person's best match clears the analyzer's same-person ``threshold``, else the largest faces left to
-    right. Boxes are rescaled to ``width × height``. Raises ``FaceCountError`` when there are too few faces."""
+    right. Boxes map to ``width × height`` keeping their aspect (the layout photo letterboxed, as
+    :func:`withanyone.pipeline.layout.layout_box`). Raises ``FaceCountError`` when there are too few faces."""
     from scipy.optimize import linear_sum_assignment
 
     from ..errors import FaceCountError
@@ -164,8 +165,8 @@ def assign_layout(layout: Any, people: Sequence[Reference | None], height: int, 
     if chosen is None:
         method = "left-to-right"
         chosen = sorted(sorted(faces, key=lambda f: -f.area)[:n], key=lambda f: f.center[0])
+    from ..pipeline.layout import layout_box
+
     h0, w0 = image.shape[:2]
-    sx, sy = width / w0, height / h0
-    boxes = [(float(f.bbox[0] * sx), float(f.bbox[1] * sy), float(f.bbox[2] * sx), float(f.bbox[3] * sy))
-             for f in chosen]
+    boxes = [layout_box(f.bbox, (w0, h0), height, width) for f in chosen]
     return LayoutAssignment(boxes, method, sims, chosen, image)

@@ -112,6 +112,18 @@ class Studio:
             refs.append(ref)
         return refs, errors
 
+    def photo_use(self, people: Sequence[Person]) -> tuple[list[list[str]], list[list[dict[str, str]]]]:
+        """Per person: the photos that give the identity, and the ignored ones with why (empty, corrupt,
+        faceless — the warning the app showed)."""
+        used: list[list[str]] = []
+        ignored: list[list[dict[str, str]]] = []
+        for person in people:
+            analyses = [self.analyse(p) for p in person.photos]
+            used.append([p for p, a in zip(person.photos, analyses, strict=True) if a.ok])
+            ignored.append([{"photo": p, "why": a.warnings[0] if a.warnings else "no usable face"}
+                            for p, a in zip(person.photos, analyses, strict=True) if not a.ok])
+        return used, ignored
+
     # ------------------------------------------------------------------ placement
     def assign(self, layout: str, people: Sequence[Person], height: int, width: int) -> LayoutAssignment:
         """Boxes for ``people`` from a layout photo, matched by identity when possible."""
@@ -207,13 +219,14 @@ class Studio:
         out = self.out_dir / f"withanyone-{stamp}-{seed}.png"
         from ..pipeline.sidecar import build_sidecar, write_image_and_sidecar
 
+        used, ignored = self.photo_use(people)
         sidecar = build_sidecar(
-            self.models.pipe, result, prompt=prompt, references=[p for person in people for p in person.photos],
+            self.models.pipe, result, prompt=prompt, references=used,
             box_mode=box_mode, layout=placement.layout if box_mode == "layout" else None, id_weight=id_weight,
             siglip_weight=siglip_weight, height=int(height), width=int(width), steps=int(steps),
             guidance=float(guidance), lora=[lora] if lora else [], lora_scale=lora_scale, dtype=self.models.dtype,
             device=self.models.device, offload=self.models.preset, output=str(out),
-            names=[p.name for p in people], photos_per_person=[list(p.photos) for p in people],
+            names=[p.name for p in people], ignored_photos=ignored,
             pipeline_kwargs={k: _jsonable(v) for k, v in pipeline_kwargs.items()}, app="withanyone app")
         sidecar_path = write_image_and_sidecar(out, image, sidecar)
         yield {"done": True, "image": image, "boxes": list(result.boxes), "seed": result.seed,

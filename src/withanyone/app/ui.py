@@ -38,6 +38,36 @@ def _names(n: int, names: list[str]) -> list[str]:
     return out
 
 
+#: Heights (px) of the app's galleries, by elem_id (``crops`` for every person's face-crop gallery).
+GALLERY_HEIGHTS = {"gallery": 360, "crops": 130, "bench_refs": 240, "bench_outputs": 300}
+#: Pixels of a gallery's height taken by its label and padding, above the thumbnails.
+_GALLERY_CHROME = 40
+#: Whole images in the galleries: Gradio draws each thumbnail as a square as wide as its column, which the
+#: gallery's fixed height then clips (a 224×128 result in a 360 px gallery showed its top half); here every
+#: thumbnail is as tall as the gallery's visible area and the image is letterboxed inside it (object-fit contain).
+APP_CSS = "\n".join(
+    f"{'[id^=crops]' if key == 'crops' else '#' + key} .thumbnail-item {{ aspect-ratio: auto !important; "
+    f"height: {h - _GALLERY_CHROME}px !important; }}"
+    for key, h in GALLERY_HEIGHTS.items())
+
+
+def whole_gallery(**kwargs: Any) -> gr.Gallery:
+    """A ``gr.Gallery`` that shows whole images (object-fit contain; with :data:`APP_CSS`, thumbnails no taller
+    than the gallery), keeping its column count for a few images (Gradio 6's ``fit_columns``)."""
+    import inspect
+
+    if "fit_columns" in inspect.signature(gr.Gallery.__init__).parameters:
+        kwargs.setdefault("fit_columns", False)
+    return gr.Gallery(object_fit="contain", **kwargs)
+
+
+def blocks_css_kwargs(method: Any) -> dict[str, str]:
+    """``{"css": APP_CSS}`` when ``method`` (``gr.Blocks`` in Gradio 5, ``Blocks.launch`` in 6) takes it."""
+    import inspect
+
+    return {"css": APP_CSS} if "css" in inspect.signature(method).parameters else {}
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     """The Blocks app; call ``.queue(...).launch(...)`` on it (see :func:`withanyone.app.launch`)."""
     from gradio_image_annotation import image_annotator
@@ -47,7 +77,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     size_choices = [f"{k} ({w}×{h})" for k, (w, h) in sizes.items()]
     w0, h0 = sizes["1:1"]
 
-    with gr.Blocks(title="WithAnyone Studio") as demo:
+    with gr.Blocks(title="WithAnyone Studio", **blocks_css_kwargs(gr.Blocks.__init__)) as demo:
         gr.Markdown("# WithAnyone Studio\nPut several people in one picture: a photo (or a few) per person, "
                     "where their faces go, a prompt.")
         gr.Markdown(banner(studio.models), elem_id="banner")
@@ -66,8 +96,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                               elem_id=f"name{i}")
                             photos = gr.File(file_count="multiple", type="filepath", label="photo(s) of this person",
                                              elem_id=f"photos{i}", height=110)
-                            crops = gr.Gallery(label="face used per photo", columns=4, height=130,
-                                               elem_id=f"crops{i}", show_label=True, interactive=False)
+                            crops = whole_gallery(label="face used per photo", columns=4,
+                                                  height=GALLERY_HEIGHTS["crops"], elem_id=f"crops{i}", show_label=True, interactive=False)
                             warn = gr.Markdown(elem_id=f"warn{i}")
                         slots.append((grp, name, photos, crops, warn))
                 with gr.Column(scale=2):
@@ -120,8 +150,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                     status = gr.Markdown(elem_id="status")
                     show_boxes = gr.Checkbox(False, label="draw the face boxes on the results", elem_id="show_boxes")
-                    gallery = gr.Gallery(label="results", columns=3, height=360, elem_id="gallery", object_fit="contain",
-                                         interactive=False)
+                    gallery = whole_gallery(label="results", columns=3, height=GALLERY_HEIGHTS["gallery"],
+                                            elem_id="gallery", interactive=False)
                     downloads = gr.File(label="download: image + JSON sidecar", file_count="multiple",
                                         interactive=False, elem_id="downloads")
 
@@ -189,8 +219,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except Exception as exc:  # shown, never a traceback
                 return None, f"⚠ {exc}"
             labels = [p.name for p in people]
-            sx, sy = a.image.shape[1] / int(w), a.image.shape[0] / int(h)
-            boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in a.boxes]
+            boxes = [tuple(float(v) for v in f.bbox) for f in a.faces]  # in the layout photo's own pixels
             how = ("matched by identity: " + ", ".join(f"{nm} (cos {s:.2f})" for nm, s in zip(labels, a.similarities,
                                                                                             strict=True))
                    if a.method == "identity" else "not every person is recognised in it: assigned left to right: "
@@ -301,8 +330,10 @@ def _bench_tab() -> None:
     info = gr.Markdown(elem_id="bench_info")
     with gr.Row():
         gt = gr.Image(label="GT (matched faces boxed)", interactive=False, elem_id="bench_gt")
-        refs = gr.Gallery(label="references", columns=4, height=240, object_fit="contain", interactive=False, elem_id="bench_refs")
-    outs = gr.Gallery(label="outputs", columns=4, height=300, object_fit="contain", interactive=False, elem_id="bench_outputs")
+        refs = whole_gallery(label="references", columns=4, height=GALLERY_HEIGHTS["bench_refs"],
+                             interactive=False, elem_id="bench_refs")
+    outs = whole_gallery(label="outputs", columns=4, height=GALLERY_HEIGHTS["bench_outputs"], interactive=False,
+                         elem_id="bench_outputs")
     table = gr.Dataframe(headers=["method", "face", "box", "→ GT face", "Sim(GT)", "→ ref", "Sim(Ref)", "CP"],
                          interactive=False, elem_id="bench_table")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def prepare_faces(refs: list[str], layout: Path | None, boxes: list | None, heig
     photo's faces mapped to the output), computed before FLUX loads so a photo without a face fails first."""
     from ..faces import FaceAnalyzer
     from .layout import resolve_boxes
-    from .references import ARCFACE_DIM, DLIB_DIM, prepare_references
+    from .references import ARCFACE_DIM, DLIB_DIM, REFERENCE_DET_THRESH, prepare_references
 
     photos = any(not str(r).endswith(".npy") for r in refs) or layout is not None
     analyzer = None
@@ -115,8 +116,6 @@ def prepare_faces(refs: list[str], layout: Path | None, boxes: list | None, heig
         if tiny:
             analyzer = FaceAnalyzer("dlib")
         else:
-            from .pipeline import REFERENCE_DET_THRESH
-
             analyzer = FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=REFERENCE_DET_THRESH)
     dim = DLIB_DIM if tiny else ARCFACE_DIM
     references = prepare_references(refs, analyzer, need_crop=need_crop, dim=dim, reference_face=reference_face)
@@ -151,7 +150,7 @@ def generate_command(
     lora: list[str] | None = typer.Option(None, "--lora", help="LoRA file/folder/hub id to load (repeatable)."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Scale of the LoRA(s)."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
-    device: str = typer.Option("auto", "--device", help="cuda, cpu or auto."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:N), mps or xpu."),
     offload: bool = typer.Option(False, "--offload", help="Model CPU offload (= --low-vram model-offload)."),
     low_vram: str | None = typer.Option(None, "--low-vram", help="Memory preset: none, model-offload, group-offload, "
                                         "nf4, 24gb, 16gb, 12gb, 8gb (docs/pipeline.md)."),
@@ -186,8 +185,10 @@ def generate_command(
     width = width if width is not None else (TINY_SIZE if tiny else 1024)
     steps = steps if steps is not None else (TINY_STEPS if tiny else 25)
 
+    from rich.markup import escape
+
     def fail(message: object) -> typer.Exit:
-        console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
         return typer.Exit(1)
 
     try:  # every cheap check first: nothing heavy has loaded yet
@@ -211,7 +212,6 @@ def generate_command(
     import torch
 
     from ..errors import WithAnyoneError
-    from .pipeline import WithAnyonePipeline
 
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -224,14 +224,21 @@ def generate_command(
         try:
             check_base(base, None, offline or None, skip=("transformer",) if transformer_file is not None else ())
         except (WithAnyoneError, FileNotFoundError) as exc:
-            raise fail(exc if "hf download" in str(exc) else f"{exc}; {download_hint(base)}") from exc
+            hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not Path(base).exists()
+            raise fail(f"{exc}; {download_hint(base)}" if hub_id and "hf download" not in str(exc) else exc) from exc
+
+    import warnings
 
     try:  # the faces of every reference photo and of the layout photo, before FLUX loads (~35 GB)
-        analyzer, references, boxes = prepare_faces(list(ref), layout, boxes, height, width, tiny=tiny,
-                                                    face_pack=face_pack, need_crop=siglip_weight > 0,
-                                                    reference_face=reference_face)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            analyzer, references, boxes = prepare_faces(list(ref), layout, boxes, height, width, tiny=tiny,
+                                                        face_pack=face_pack, need_crop=siglip_weight > 0,
+                                                        reference_face=reference_face)
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:
         raise fail(" ".join(str(exc).split())) from exc
+    for w in caught:  # e.g. a reference photo with several faces: which one is used
+        console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
 
     if tiny:
         from .tiny import tiny_pipeline
@@ -244,6 +251,8 @@ def generate_command(
         except WithAnyoneError as exc:
             raise fail(exc) from exc
     else:
+        from .pipeline import WithAnyonePipeline
+
         console.print(f"loading {base} + {adapter} ({dtype}, {device}; memory {mem.summary()})")
         try:
             from dataclasses import replace

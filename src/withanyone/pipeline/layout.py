@@ -10,6 +10,11 @@ Automatic placements (``boxes="auto"``), by number of people ``n`` and output si
   one FLUX patch);
 * the box centres sit at ``x = W·(i + ½)/per_row`` (each row centred), ``y = 0.35·H`` for one row, or
   ``0.28·H`` and ``0.58·H`` for two rows: heads in the upper part of the picture, as in group photos.
+
+A layout photo's faces map to the output with one scale for both axes, so face boxes keep their aspect ratio
+when the photo's aspect differs from the output's: ``fit="contain"`` (default) letterboxes the whole photo
+into the output (scale ``min(W/w, H/h)``, centred: every face stays inside), ``fit="cover"`` centre-crops it
+(scale ``max(W/w, H/h)``: faces near the cropped edges may fall outside and are refused).
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ Box = tuple[float, float, float, float]
 
 #: Smallest box side the automatic layout produces (one 16-px FLUX patch).
 MIN_SIDE = 16.0
+#: How a layout photo maps onto the output: letterboxed whole (``contain``) or centre-cropped (``cover``).
+LAYOUT_FITS = ("contain", "cover")
+
+
+def layout_box(bbox: Sequence[float], photo_size: tuple[int, int], height: int, width: int,
+               fit: str = "contain") -> Box:
+    """A face box of a ``photo_size`` (w, h) layout photo in output pixels: one scale for x and y (aspect
+    kept), the photo centred on the output; ``fit`` ``"contain"`` (whole photo visible) or ``"cover"``."""
+    if fit not in LAYOUT_FITS:
+        raise ValueError(f"`fit` must be one of {', '.join(LAYOUT_FITS)}, got {fit!r}")
+    w0, h0 = (float(v) for v in photo_size)
+    s = (min if fit == "contain" else max)(width / w0, height / h0)
+    dx, dy = (width - w0 * s) / 2, (height - h0 * s) / 2
+    x1, y1, x2, y2 = (float(v) for v in bbox[:4])
+    return (x1 * s + dx, y1 * s + dy, x2 * s + dx, y2 * s + dy)
 
 
 def validate_boxes(boxes: Any, num_people: int, height: int, width: int, name: str = "boxes") -> list[Box]:
@@ -79,12 +99,13 @@ def auto_boxes(num_people: int, height: int, width: int) -> list[Box]:
 
 
 def boxes_from_layout(layout: Any, num_people: int, height: int, width: int, analyzer: Any,
-                      order: str = "left-to-right") -> list[Box]:
-    """Face boxes of a layout photo, rescaled to the output size: its ``num_people`` largest faces.
+                      order: str = "left-to-right", fit: str = "contain") -> list[Box]:
+    """Face boxes of a layout photo in output pixels: its ``num_people`` largest faces.
 
-    The photo's corners map to the output's corners (x scaled by ``width / photo width``, y by
-    ``height / photo height``). ``order="left-to-right"`` gives reference 1 the leftmost face; ``"size"``
-    the largest. Raises :class:`FaceCountError` naming the photo when it holds fewer faces than people.
+    The photo maps onto the output by :func:`layout_box` (one scale for both axes, centred; ``fit``
+    ``"contain"`` letterboxes, ``"cover"`` centre-crops), so boxes keep their aspect ratio.
+    ``order="left-to-right"`` gives reference 1 the leftmost face; ``"size"`` the largest. Raises
+    :class:`FaceCountError` naming the photo when it holds fewer faces than people.
     """
     from ..faces.image import describe_source, load_image
 
@@ -100,9 +121,7 @@ def boxes_from_layout(layout: Any, num_people: int, height: int, width: int, ana
     elif order != "size":
         raise ValueError(f"`order` must be 'left-to-right' or 'size', got {order!r}")
     h0, w0 = image.shape[:2]
-    sx, sy = width / w0, height / h0
-    return [(float(f.bbox[0] * sx), float(f.bbox[1] * sy), float(f.bbox[2] * sx), float(f.bbox[3] * sy))
-            for f in faces]
+    return [layout_box(f.bbox, (w0, h0), height, width, fit) for f in faces]
 
 
 def resolve_boxes(boxes: Any, num_people: int, height: int, width: int, analyzer: Any = None) -> list[Box]:

@@ -232,6 +232,8 @@ def from_pretrained(cls: Any, base: str | os.PathLike = DEFAULT_BASE, adapter: A
     if adapter is not None and not isinstance(adapter, WithAnyoneAdapterType()):
         locate_adapter(adapter, None, local_files_only)  # a missing adapter file fails before the base loads
     folder = str(src.file("model_index.json").parent)
+    if transformer_file is not None and "transformer" not in components:
+        src.file("transformer/config.json")  # the architecture of the single file (fetched into the snapshot)
     if "transformer" in components:
         memory.quantize_transformer(components["transformer"], mem.base, compute_dtype=dtype)
     else:

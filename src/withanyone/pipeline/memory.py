@@ -217,8 +217,10 @@ def _fp8_cast(module: Any, compute_dtype: Any, *, diffusers_model: bool) -> Any:
     if diffusers_model:
         module.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=compute_dtype)
     else:
+        # T5's feed-forward casts its input to ``wo``'s weight dtype (transformers keeps ``wo`` in fp32): keep it
         apply_layerwise_casting(module, storage_dtype=fp8, compute_dtype=compute_dtype,
-                                skip_modules_pattern=("norm", "embed", "relative_attention_bias", "shared"))
+                                skip_modules_pattern=("norm", "embed", "relative_attention_bias", "shared",
+                                                      r"\.wo$"))
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
         if registry is not None and registry.get_hook("layerwise_casting") is not None:

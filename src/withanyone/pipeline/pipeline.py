@@ -25,14 +25,19 @@ from diffusers.utils import BaseOutput
 
 from .layout import Box, resolve_boxes
 from .matting import DEFAULT_MATTING, matte_crop
-from .references import REFERENCE_FACES, Reference, check_analyzer, encode_siglip, prepare_references
+from .references import (
+    REFERENCE_DET_THRESH,
+    REFERENCE_FACES,
+    Reference,
+    check_analyzer,
+    encode_siglip,
+    prepare_references,
+)
 from .sampling import NOISE_MODES, TIMESTEP_SHIFTS, pipeline_sigmas, release_latents
 
 #: Default knobs of the release's inference script.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
-#: Detection threshold of the release's reference face extractor (insightface ``det_thresh``).
-REFERENCE_DET_THRESH = 0.4
 
 
 @dataclass

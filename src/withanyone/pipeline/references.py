@@ -31,6 +31,8 @@ CROP_SIZE = 512
 ARCFACE_DIM = 512
 #: dlib's ResNet face descriptor length, refused with an explanation.
 DLIB_DIM = 128
+#: Detection threshold of the release's reference face extractor (insightface ``det_thresh``).
+REFERENCE_DET_THRESH = 0.4
 #: Which face of a reference photo is used: the release's (highest detector score) or the largest.
 REFERENCE_FACES = ("score", "largest")
 

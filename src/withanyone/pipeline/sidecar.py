@@ -10,14 +10,15 @@ from typing import Any
 from PIL import Image
 
 
-def build_sidecar(pipe: Any, result: Any, *, prompt: str, references: list[str], box_mode: str,
+def build_sidecar(pipe: Any, result: Any, *, prompt: str, references: list[Any], box_mode: str,
                   layout: str | None, id_weight: float, siglip_weight: float, height: int, width: int,
                   steps: int, guidance: float, lora: list[str], lora_scale: float, dtype: str, device: str,
                   offload: bool | str, output: str, **extra: Any) -> dict[str, Any]:
     """The sidecar dict: parameters, seed, boxes used, model sources with revisions, library versions.
 
-    ``extra`` keys (app-only settings such as names or the low-VRAM preset) are appended after the
-    standard ones, so a CLI sidecar and an app sidecar share every standard key.
+    ``references``: one entry per person (the CLI: its ``--ref``; the app: the list of that person's photos
+    that were used). ``extra`` keys (app-only settings such as names or the low-VRAM preset) are appended after
+    the standard ones, so a CLI sidecar and an app sidecar share every standard key.
     """
     import diffusers
     import torch
