@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acc: dict[tuple[str, str], dict[str, float]] = {}
     cast_err = None
     if not args.no_speed:
-        combos = [("bf16", "bf16"), ("fp8", "bf16"), ("int8", "bf16"), ("bf16", "fp8"), ("bf16", "int8")]
+        combos = [("bf16", "bf16"), ("fp8", "bf16"), ("int8", "bf16"), ("bf16", "fp8"), ("bf16", "int8"),
+                  ("int8", "int8")]  # the last: every Linear int8, the CPU-runnable alternative to nf4 + int8
         combos += sorted({(p.base, p.adapter) for p in PRESETS.values() if p.base in MEASURED_BASE} - set(combos))
         acc = accuracy_and_speed(tr_slices, ad_slices, combos, size, text_len, repeats)
         cast_err = fp8_cast_adapter_error(ad_slices["bf16"], tr_slices["bf16"], size, text_len)
