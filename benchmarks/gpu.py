@@ -439,21 +439,14 @@ def variant_steps(s: Setup, timer: Timer, warmup: int, repeats: int) -> tuple[di
 
 def computed_memory() -> dict[str, Any]:
     """Weights per preset in GB from parameter counts at FLUX-dev size (meta device; nothing allocated)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    import _flux_dev as fd
 
     s = Setup(FLUX_DEV, SIGLIP_BASE, 1024, 512, torch.device("meta"), torch.bfloat16, "inductor")
     with torch.device("meta"):
         tr = build_transformer(s, "meta")
         ad = build_adapter(s, "meta")
         sig = build_siglip(s, "meta")
-        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
-                                     vocab_size=32128, feed_forward_proj="gated-gelu"))
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, projection_dim=768))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                            layers_per_block=2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    t5, clip, vae = fd.t5(), fd.clip(), fd.vae()
 
     def n(m) -> int:
         return sum(p.numel() for p in m.parameters())

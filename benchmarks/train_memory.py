@@ -41,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GB = 1e9
 STRATEGIES = ("ddp", "zero2", "zero3")
@@ -51,27 +52,15 @@ PEOPLE = 4  # worst case of the 1–4 people per sample
 
 def param_counts() -> dict[str, int]:
     """Parameters of every component at release size, from the real classes on the meta device."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    import _flux_dev as fd
 
-    from withanyone.model import WithAnyoneAdapter
     from withanyone.train.arcface import iresnet
 
     def n(m) -> int:
         return sum(p.numel() for p in m.parameters())
 
+    tr, ad, t5, clip, vae = fd.transformer(), fd.adapter(), fd.t5(), fd.clip(), fd.vae()
     with torch.device("meta"):
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-        ad = WithAnyoneAdapter()
-        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
-                                     vocab_size=32128, feed_forward_proj="gated-gelu"))
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, projection_dim=768))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                            layers_per_block=2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
         arc = iresnet("r100")
     blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
     arc_branch = n(ad.arcface_in_arc) + n(ad.ipa_arc)

@@ -16,7 +16,7 @@ pytest.importorskip("optimum.quanto")
 BOXES = [[(10.0, 12.0, 90.0, 100.0), (120.0, 130.0, 250.0, 240.0)]]
 #: Relative error of the transformer's identity residual (output with identities − bare output) against the
 #: bf16 adapter's, on the tiny model (width 192; scaled weights, per-channel scales). Full-width figures:
-#: benchmarks/adapter_quant.py and docs/benchmarks.md.
+#: benchmarks/memory.py and docs/benchmarks.md.
 RESIDUAL_TOLERANCE = {"bf16": 0.0, "fp8": 0.08, "int8": 0.02}
 
 

@@ -6,9 +6,9 @@ default for a bf16 adapter). The hooks live on the transformer's blocks, not on 
 adapter attaches, caches K/V and leaves the bare transformer bit-identical exactly as a bf16 one does.
 
 Why quanto and not diffusers' layerwise casting for fp8: casting a weight to ``float8_e4m3fn`` without a
-scale puts most of the adapter's small weights (|w| ≲ 0.02) into e4m3's subnormal range; at full width
-that gave a 7.1 % relative error on one block's residual against 3.8 % for quanto's scaled fp8 and 0.8 %
-for int8 (``benchmarks/adapter_quant.py`` measures all three side by side).
+scale puts most of the adapter's small weights (|w| ≲ 0.02) into e4m3's subnormal range; on a full-width
+double + single block slice that gave an 11.8 % relative error of the identity residual against 4.9 % for
+quanto's scaled fp8 and 1.9 % for int8 (``benchmarks/memory.py`` measures them side by side).
 """
 
 from __future__ import annotations
