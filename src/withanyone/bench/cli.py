@@ -33,16 +33,13 @@ def _is_arcface_spec(spec: str) -> bool:
 
 def _check_face_models(specs: list[str]) -> None:
     """Refuse a malformed ``-f`` spec or an unknown backend before anything loads."""
-    from ..faces.analyzer import BACKENDS
-    from .runner import FaceModelSpec
+    from .runner import check_face_model_spec
 
     for text in specs:
         try:
-            spec = FaceModelSpec.parse(text)
+            check_face_model_spec(text)
         except ValueError as exc:
             fail(f"-f {text}: {exc}")
-        if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
-            fail(f"-f {text}: unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @app.command("run")
@@ -246,6 +243,7 @@ def generate_command(
     from .generate import generate
     from .reproduce import load_benchmark
 
+    _check_out(out or Path("bench-gen") / method)
     try:
         b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
         stats = generate(b, out or Path("bench-gen") / method, method,
@@ -256,8 +254,22 @@ def generate_command(
         fail(str(exc))
     typer.echo(f"{stats.generated} generated, {stats.skipped} already done, {stats.failed} failed "
                f"({stats.engine}, {stats.workers} worker(s), {stats.seconds:.1f} s) → {out or Path('bench-gen') / method}")
+    _report_generation(stats)
+
+
+def _report_generation(stats) -> None:
+    """Regenerated outputs and why, other-settings outputs kept, failures; exit 1 when every sample failed."""
+    if stats.regenerated:
+        why = ", ".join(f"{k}: {v}" for k, v in stats.regenerate_reasons.items())
+        typer.echo(f"{stats.regenerated} output(s) made with other settings were generated again ({why})",
+                   err=True)
+    if stats.other_settings_kept:
+        typer.echo(f"warning: the folder also holds {stats.other_settings_kept} output(s) outside this selection "
+                   "made with another seed or generator; `bench run` on the folder would score them too", err=True)
     for sid, err in stats.failures.items():
         typer.echo(f"failed {sid}: {err}", err=True)
+    if stats.failed and not stats.generated and not stats.skipped:
+        fail(f"every sample failed ({stats.failed}); first: {next(iter(stats.failures.values()))}")
 
 
 @app.command("reproduce")
@@ -293,6 +305,8 @@ def reproduce_command(
 
     if cp_normalisation not in ("release", "exact"):
         fail(f"--cp-normalisation {cp_normalisation!r}: expected release or exact")
+    _check_out(out)
+    _check_face_models(face_model)  # before generating: a mistyped -f must not cost a generation run
     try:
         b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
         stats, summary, table = reproduce(
@@ -303,5 +317,6 @@ def reproduce_command(
         fail(str(exc))
     console = Console()
     console.print(f"generated {stats.generated}, reused {stats.skipped}, failed {stats.failed}")
+    _report_generation(stats)
     typer.echo(table)
     console.print(f"report: {out / 'results' / 'report.html'}")

@@ -68,6 +68,16 @@ class FaceModelSpec:
         return cls(backend.strip(), opts, gate, label)
 
 
+def check_face_model_spec(text: str | FaceModelSpec) -> FaceModelSpec:
+    """Parse a ``-f`` spec and check its backend is known, before anything loads; ValueError naming it."""
+    from ..faces.analyzer import BACKENDS
+
+    spec = FaceModelSpec.parse(text) if isinstance(text, str) else text
+    if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
+        raise ValueError(f"unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
+    return spec
+
+
 def default_gate(analyzer: Any) -> tuple[float, float]:
     """The CP gate for a face model: the paper's (0.40, 0.35) for ArcFace-type embeddings, the backend's
     same-person threshold for dlib (the paper's thresholds are tuned for ArcFace cosines)."""
