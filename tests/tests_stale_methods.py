@@ -17,3 +17,13 @@ class SeedNoise:
 def always_fails(sample) -> Image.Image:
     """A method whose every sample raises."""
     raise RuntimeError(f"cannot draw {sample.id}")
+
+
+class SlowNoise(SeedNoise):
+    """:class:`SeedNoise` taking a second per sample (time to kill a run in the middle)."""
+
+    def __call__(self, sample) -> Image.Image:
+        import time
+
+        time.sleep(1.0)
+        return super().__call__(sample)

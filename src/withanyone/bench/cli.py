@@ -144,6 +144,22 @@ def run_command(
                       soft_wrap=True)
     console.print(f"{len(summary['failures'])} failures, problems {summary['problem_counts']}")
     console.print(f"report: {out / 'report.html'}")
+    _report_stale(console, summary)
+    total = stats.rows_written + stats.rows_skipped
+    if total and stats.rows_failed == total:
+        first = next(iter(stats.failure_reasons))
+        fail(f"every row of this run failed ({total} of {total}); most common reason: {first}")
+
+
+def _report_stale(console, summary: dict) -> None:
+    """Say which stored rows the report left out as stale (their files or settings changed since)."""
+    from rich.markup import escape
+
+    from .report import stale_sentence
+
+    stale = stale_sentence(summary)
+    if stale:
+        console.print(f"[yellow]warning:[/] {escape(stale)}", soft_wrap=True)
 
 
 @app.command("convert")
@@ -194,6 +210,9 @@ def report_command(
                  "dlib only, whose cosines are another scale")
     summary = write_reports(out, paper_points=paper_points, gallery=gallery > 0, max_gallery=gallery)
     typer.echo(f"{summary['rows']} rows → {out / 'report.html'}")
+    from rich.console import Console
+
+    _report_stale(Console(stderr=True), summary)
 
 
 _GEN_HELP = {

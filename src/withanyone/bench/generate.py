@@ -447,9 +447,11 @@ def _ensure_ray(address: str | None, num_cpus: int, num_gpus: int) -> bool:
 
             src = str(Path(withanyone.__file__).resolve().parents[1])
             path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            from ..raysession import start_local_ray
+
+            start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False,
+                            log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                            logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
         started = True
     else:
         started = False
@@ -558,4 +560,6 @@ def _run_ray(todo: list[GenerationSample], out: Path, method_name: str, spec: Me
         yield from ds.iter_rows()
     finally:
         if started:
-            ray.shutdown()
+            from ..raysession import shutdown_ray
+
+            shutdown_ray()
