@@ -209,7 +209,7 @@ def test_bench_run_cli_warns_about_stale_rows_and_fails_when_every_row_failed(be
     assert _cli(*run, "-m", f"good={good}").returncode == 0
     (good / "p1_newton.jpg").write_bytes((bench_dir / "p1_obama" / "ori.jpg").read_bytes())
     r = _cli(*run, "-m", f"empty={empty}")
-    _last_line_error(r, "every row of this run failed (3 of 3)", "no output")
+    _last_line_error(r, "every row of this run failed: none could be scored (3 of 3)", "no output")
     assert "warning: STALE: 1 scored rows" in r.stderr and "good (1 rows: output image changed 1)" in r.stderr
     assert (res / "report.html").is_file()  # the reports are still written, for a look at what failed
 

@@ -148,7 +148,8 @@ def run_command(
     total = stats.rows_written + stats.rows_skipped
     if total and stats.rows_failed == total:
         first = next(iter(stats.failure_reasons))
-        fail(f"every row of this run failed ({total} of {total}); most common reason: {first}")
+        fail(f"every row of this run failed: none could be scored ({total} of {total}); most common reason: "
+             f"{first}")
 
 
 def _report_stale(console, summary: dict) -> None:

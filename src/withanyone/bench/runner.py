@@ -121,7 +121,7 @@ class RunStats:
     rows_written: int = 0
     rows_skipped: int = 0
     rows_rescored: int = 0
-    #: rows of this run (scored now or reused) that failed, with their most common reason
+    #: rows of this run (scored now or reused) that could not be scored (:func:`unscorable`), per reason
     rows_failed: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
     rescore_reasons: dict[str, int] = field(default_factory=dict)
@@ -182,6 +182,12 @@ def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
         if "sample" in row and "method" in row and "face_model" in row:
             rows[_row_key(row)] = row
     return [rows[k] for k in sorted(rows)]
+
+
+def unscorable(row: dict[str, Any]) -> bool:
+    """True for a row that could not be scored: a missing or unreadable output, nothing to compare with.
+    An output in which no face was found is a result (count accuracy counts it wrong), not a failure."""
+    return row.get("status") != "ok" and row.get("reason") != "no face in output"
 
 
 def sample_fingerprint(prompt: Any, num_persons: Any, subset: Any) -> str:
@@ -407,7 +413,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
                 if old is not None:
                     why = changed_inputs(old.get("inputs"), inputs)
                     if not why:
-                        if old.get("status") != "ok":
+                        if unscorable(old):
                             failed[str(old.get("reason"))] += 1
                         continue
                     stats.rows_rescored += 1
@@ -453,7 +459,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         row["inputs"] = inputs
         append_jsonl(out_dir / RESULTS, row)
         stats.rows_written += 1
-        if row["status"] != "ok":
+        if unscorable(row):
             failed[str(row["reason"])] += 1
     stats.rows_failed = sum(failed.values())
     stats.failure_reasons = dict(failed.most_common())
