@@ -33,16 +33,13 @@ def _is_arcface_spec(spec: str) -> bool:
 
 def _check_face_models(specs: list[str]) -> None:
     """Refuse a malformed ``-f`` spec or an unknown backend before anything loads."""
-    from ..faces.analyzer import BACKENDS
-    from .runner import FaceModelSpec
+    from .runner import check_face_model_spec
 
     for text in specs:
         try:
-            spec = FaceModelSpec.parse(text)
+            check_face_model_spec(text)
         except ValueError as exc:
             fail(f"-f {text}: {exc}")
-        if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
-            fail(f"-f {text}: unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @app.command("run")
@@ -147,6 +144,23 @@ def run_command(
                       soft_wrap=True)
     console.print(f"{len(summary['failures'])} failures, problems {summary['problem_counts']}")
     console.print(f"report: {out / 'report.html'}")
+    _report_stale(console, summary)
+    total = stats.rows_written + stats.rows_skipped
+    if total and stats.rows_failed == total:
+        first = next(iter(stats.failure_reasons))
+        fail(f"every row of this run failed: none could be scored ({total} of {total}); most common reason: "
+             f"{first}")
+
+
+def _report_stale(console, summary: dict) -> None:
+    """Say which stored rows the report left out as stale (their files or settings changed since)."""
+    from rich.markup import escape
+
+    from .report import stale_sentence
+
+    stale = stale_sentence(summary)
+    if stale:
+        console.print(f"[yellow]warning:[/] {escape(stale)}", soft_wrap=True)
 
 
 @app.command("convert")
@@ -197,6 +211,9 @@ def report_command(
                  "dlib only, whose cosines are another scale")
     summary = write_reports(out, paper_points=paper_points, gallery=gallery > 0, max_gallery=gallery)
     typer.echo(f"{summary['rows']} rows → {out / 'report.html'}")
+    from rich.console import Console
+
+    _report_stale(Console(stderr=True), summary)
 
 
 _GEN_HELP = {
@@ -272,6 +289,7 @@ def generate_command(
     from .generate import generate
     from .reproduce import load_benchmark
 
+    _check_out(out or Path("bench-gen") / method)
     memory = _memory_settings(low_vram, base_quantization, adapter_quantization, offload, transformer_file)
     try:
         b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
@@ -284,8 +302,22 @@ def generate_command(
         fail(str(exc))
     typer.echo(f"{stats.generated} generated, {stats.skipped} already done, {stats.failed} failed "
                f"({stats.engine}, {stats.workers} worker(s), {stats.seconds:.1f} s) → {out or Path('bench-gen') / method}")
+    _report_generation(stats)
+
+
+def _report_generation(stats) -> None:
+    """Regenerated outputs and why, other-settings outputs kept, failures; exit 1 when every sample failed."""
+    if stats.regenerated:
+        why = ", ".join(f"{k}: {v}" for k, v in stats.regenerate_reasons.items())
+        typer.echo(f"{stats.regenerated} output(s) made with other settings were generated again ({why})",
+                   err=True)
+    if stats.other_settings_kept:
+        typer.echo(f"warning: the folder also holds {stats.other_settings_kept} output(s) outside this selection "
+                   "made with another seed or generator; `bench run` on the folder would score them too", err=True)
     for sid, err in stats.failures.items():
         typer.echo(f"failed {sid}: {err}", err=True)
+    if stats.failed and not stats.generated and not stats.skipped:
+        fail(f"every sample failed ({stats.failed}); first: {next(iter(stats.failures.values()))}")
 
 
 @app.command("reproduce")
@@ -321,6 +353,8 @@ def reproduce_command(
 
     if cp_normalisation not in ("release", "exact"):
         fail(f"--cp-normalisation {cp_normalisation!r}: expected release or exact")
+    _check_out(out)
+    _check_face_models(face_model)  # before generating: a mistyped -f must not cost a generation run
     try:
         b = load_benchmark(bench, caption_key=caption_key, split=split, progress=progress)
         stats, summary, table = reproduce(
@@ -331,5 +365,6 @@ def reproduce_command(
         fail(str(exc))
     console = Console()
     console.print(f"generated {stats.generated}, reused {stats.skipped}, failed {stats.failed}")
+    _report_generation(stats)
     typer.echo(table)
     console.print(f"report: {out / 'results' / 'report.html'}")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .runner import load_results
+from .runner import current_results
 
 #: Box colours, one per generated face (its matched GT face and reference share it).
 COLOURS = [(46, 204, 113), (52, 152, 219), (231, 76, 60), (241, 196, 15), (155, 89, 182), (26, 188, 156)]
@@ -70,7 +70,7 @@ def explorer_rows(out_dir: str | Path, face_model: str, max_samples: int | None 
     out_dir = Path(out_dir)
     info_path = out_dir / "samples.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    rows = [r for r in load_results(out_dir) if r["face_model"] == face_model]
+    rows = [r for r in current_results(out_dir)[0] if r["face_model"] == face_model]
     keep = list(dict.fromkeys(r["sample"] for r in rows))
     if max_samples is not None:
         keep = keep[:max_samples]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 from ..errors import WithAnyoneError
 from ..io import append_jsonl, atomic_write_bytes, atomic_write_json
 from .samples import Benchmark, Sample
+
+log = logging.getLogger(__name__)
 
 #: Per-sample generation log (one line per finished sample, from whichever worker made it).
 LOG = "generate.log.jsonl"
@@ -268,17 +271,62 @@ def sidecar_path(out: Path, sample_id: str) -> Path:
     return out / f"{sample_id}.json"
 
 
-def is_done(out: Path, sample_id: str) -> bool:
-    """True when the sidecar says ``ok`` and the image on disk has the sha256 it records."""
-    side, img = sidecar_path(out, sample_id), image_path(out, sample_id)
-    if not side.is_file() or not img.is_file():
-        return False
+def read_sidecar(out: Path, sample_id: str) -> dict[str, Any] | None:
+    """The sample's sidecar, or None when it is missing or unreadable (torn by a killed run)."""
     try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
+        meta = json.loads(sidecar_path(out, sample_id).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_done(out: Path, sample_id: str) -> bool:
+    """True when the sidecar says ``ok`` and the image on disk has the sha256 it records (whatever the
+    settings it was made with; :func:`settings_differ` tells whether those are this run's)."""
+    img = image_path(out, sample_id)
+    meta = read_sidecar(out, sample_id)
+    if meta is None or not img.is_file():
         return False
-    return (isinstance(meta, dict) and meta.get("status") == "ok"
-            and meta.get("sha256") == hashlib.sha256(img.read_bytes()).hexdigest())
+    return meta.get("status") == "ok" and meta.get("sha256") == hashlib.sha256(img.read_bytes()).hexdigest()
+
+
+def reference_digests(req: GenerationSample) -> list[str | None]:
+    """sha256 of each reference photo of ``req`` (None = missing): the sidecar records the references by
+    content, so a moved benchmark folder is not regenerated while a replaced photo is."""
+    from ..io import sha256_file
+
+    out: list[str | None] = []
+    for r in req.references:
+        try:
+            out.append(sha256_file(r))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def settings_differ(side: dict[str, Any], req: GenerationSample, describe: dict[str, Any],
+                    refs_sha256: list[str | None]) -> list[str]:
+    """The generation settings in which a sidecar differs from this run's request (empty: the same).
+
+    Compared: the seed, prompt, references (by content when the sidecar records it, else by path), boxes,
+    output size, number of people and every setting of the generator (pipeline, steps, guidance, …)."""
+    diff = []
+    if side.get("seed") != req.seed:
+        diff.append("seed")
+    if side.get("prompt") != req.prompt:
+        diff.append("prompt")
+    old_refs = side.get("references_sha256")
+    if (old_refs != refs_sha256) if old_refs is not None else (side.get("references") != req.references):
+        diff.append("references")
+    if side.get("boxes") != req.boxes:
+        diff.append("boxes")
+    if (side.get("width"), side.get("height")) != (req.width, req.height):
+        diff.append("size")
+    if side.get("num_persons") != req.num_persons:
+        diff.append("num_persons")
+    gen = side.get("generator") if isinstance(side.get("generator"), dict) else {}
+    diff += [k for k in sorted(set(gen) | set(describe)) if gen.get(k) != describe.get(k)]
+    return diff
 
 
 def remove_stale_temporaries(out: Path) -> int:
@@ -311,7 +359,8 @@ def encode_png(image: Any) -> bytes:
 
 
 def generate_one(method: Callable[[GenerationSample], Any], req: GenerationSample, out: Path, method_name: str,
-                 describe: dict[str, Any], orphaned: Callable[[], bool] | None = None) -> dict[str, Any]:
+                 describe: dict[str, Any], orphaned: Callable[[], bool] | None = None,
+                 refs_sha256: list[str | None] | None = None) -> dict[str, Any]:
     """Generate, write image then sidecar atomically, log; returns a status row (never raises for the sample).
 
     ``orphaned()`` is asked before anything is written: a worker whose run was killed exits there instead of
@@ -320,7 +369,8 @@ def generate_one(method: Callable[[GenerationSample], Any], req: GenerationSampl
     side = {"sample": req.id, "method": method_name, "status": "ok", "error": None, "image": None, "sha256": None,
             "seed": req.seed, "prompt": req.prompt, "references": req.references, "boxes": req.boxes,
             "height": req.height, "width": req.width, "num_persons": req.num_persons, "subset": req.subset,
-            "generator": describe}
+            "generator": describe,
+            "references_sha256": refs_sha256 if refs_sha256 is not None else reference_digests(req)}
     try:
         data = encode_png(method(req))
     except Exception as exc:  # one bad sample never kills the run: recorded, retried by the next run
@@ -331,6 +381,8 @@ def generate_one(method: Callable[[GenerationSample], Any], req: GenerationSampl
     if data is not None:
         atomic_write_bytes(image_path(out, req.id), data)
         side.update(image=image_path(out, req.id).name, sha256=hashlib.sha256(data).hexdigest())
+    else:  # an image left from an earlier run would be scored as this run's output
+        image_path(out, req.id).unlink(missing_ok=True)
     atomic_write_json(sidecar_path(out, req.id), side)  # written last: it marks the sample done
     seconds = time.perf_counter() - t0
     append_jsonl(out / LOG, {"sample": req.id, "status": side["status"], "pid": os.getpid(),
@@ -379,6 +431,11 @@ class GenerateStats:
     generated: int = 0
     skipped: int = 0
     failed: int = 0
+    #: done outputs made with other settings than this run's, generated again; per differing setting
+    regenerated: int = 0
+    regenerate_reasons: dict[str, int] = field(default_factory=dict)
+    #: outputs in the folder outside this run's selection whose seed or generator differ from this run's
+    other_settings_kept: int = 0
     seconds: float = 0.0
     workers: int = 1
     engine: str = "local"
@@ -401,9 +458,11 @@ def _ensure_ray(address: str | None, num_cpus: int, num_gpus: int) -> bool:
 
             src = str(Path(withanyone.__file__).resolve().parents[1])
             path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            from ..raysession import start_local_ray
+
+            start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False,
+                            log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                            logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
         started = True
     else:
         started = False
@@ -435,15 +494,46 @@ def generate(bench: Benchmark, out_dir: str | Path, method_name: str, spec: Meth
         raise GenerationError(f"method name must be non-empty and contain no '/': {method_name!r}")
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GenerationError(f"--out {out} is a file, not a folder (outputs need a folder)")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     reqs = make_requests(select_samples(bench, subset, limit), long_side=long_side, height=height, width=width,
                          seed=seed)
-    todo = [r for r in reqs if not is_done(out, r.id)]
+    describe = spec.describe()
+    todo: list[GenerationSample] = []
+    reasons: Counter[str] = Counter()
+    regenerated = 0
+    refs_sha = {r.id: reference_digests(r) for r in reqs}
+    for r in reqs:
+        if not is_done(out, r.id):
+            todo.append(r)
+            continue
+        diff = settings_differ(read_sidecar(out, r.id) or {}, r, describe, refs_sha[r.id])
+        if diff:  # made with other settings: never kept as done; removed now, so the folder never mixes
+            reasons.update(diff)
+            regenerated += 1
+            image_path(out, r.id).unlink(missing_ok=True)
+            sidecar_path(out, r.id).unlink(missing_ok=True)
+            todo.append(r)
+    chosen = {r.id for r in reqs}
+    kept = 0
+    for side_file in out.glob("*.json"):
+        if side_file.stem in chosen or side_file.name == "generate.json":
+            continue
+        side = read_sidecar(out, side_file.stem)
+        if side and side.get("status") == "ok" and (side.get("generator") != describe
+                                                     or side.get("seed") != sample_seed(seed, side_file.stem)):
+            kept += 1
+    if regenerated:
+        why = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
+        log.warning("%d output(s) in %s were made with other settings than this run's (%s): generating them "
+                    "again", regenerated, out, why)
     use_ray = engine == "ray" or (engine == "auto" and (workers > 1 or num_gpus > 0 or bool(address)))
     n_actors = max(1, num_gpus if num_gpus > 0 else workers)
     stats = GenerateStats(skipped=len(reqs) - len(todo), workers=n_actors if use_ray else 1,
-                          engine="ray" if use_ray else "local")
+                          engine="ray" if use_ray else "local", regenerated=regenerated,
+                          regenerate_reasons=dict(reasons.most_common()), other_settings_kept=kept)
     atomic_write_json(out / "generate.json", {"benchmark": bench.name, "method": method_name,
                                               "generator": spec.describe(), "seed": seed, "subset": subset,
                                               "limit": limit, "samples": [r.id for r in reqs]})
@@ -451,8 +541,7 @@ def generate(bench: Benchmark, out_dir: str | Path, method_name: str, spec: Meth
         rows = _run_ray(todo, out, method_name, spec, n_actors, num_gpus, address)
     elif todo:
         method = spec.load()
-        describe = spec.describe()
-        rows = (generate_one(method, r, out, method_name, describe) for r in todo)
+        rows = (generate_one(method, r, out, method_name, describe, refs_sha256=refs_sha[r.id]) for r in todo)
     else:
         rows = iter(())
     for row in track(rows, total=len(todo), description=f"generate {method_name}", enabled=progress):
@@ -482,4 +571,6 @@ def _run_ray(todo: list[GenerationSample], out: Path, method_name: str, spec: Me
         yield from ds.iter_rows()
     finally:
         if started:
-            ray.shutdown()
+            from ..raysession import shutdown_ray
+
+            shutdown_ray()

@@ -4,10 +4,17 @@ Each follows the callable contract (:class:`~withanyone.bench.generate.Generatio
 
 * ``withanyone.bench.oracles:gt_copy`` — the GT photo itself: Sim(GT) = 1, CP = −1 (exact normalisation);
 * ``withanyone.bench.oracles:reference_copy`` — the references as the benchmark detects them (each padded to
-  its black square, side by side for several people): CP = +1 for one person.
+  its black square; several people side by side, laid out by
+  :func:`~withanyone.bench.calibration.faithful_side_by_side` so the detector sees each face as in its own
+  square): CP = +1 for one and for several people (exact normalisation, dlib), as long as the padded squares
+  side by side fit the face model's detector unscaled (dlib: 1024 px; larger references are downscaled
+  by the detector and score a little below +1).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
 
 from PIL import Image
 
@@ -23,9 +30,21 @@ def gt_copy(sample: GenerationSample) -> Image.Image:
     return Image.fromarray(load_image(sample.gt))
 
 
-def reference_copy(sample: GenerationSample) -> Image.Image:
-    """The references padded to black squares (1.5× their longer side) and placed side by side."""
-    from .cache import REF_PAD
-    from .calibration import side_by_side
+@lru_cache(maxsize=1)
+def _layout_analyzer() -> Any:
+    """The face model the multi-person layout is checked with (the bundled dlib stack), loaded once."""
+    from ..faces import FaceAnalyzer
 
-    return Image.fromarray(side_by_side(list(sample.references), pad=REF_PAD))
+    return FaceAnalyzer("dlib")
+
+
+def reference_copy(sample: GenerationSample) -> Image.Image:
+    """The references padded to black squares (1.5× their longer side); several people side by side at the
+    gap where the detector sees each face exactly as in its own padded square."""
+    from .cache import REF_PAD
+    from .calibration import faithful_side_by_side, side_by_side
+
+    refs = list(sample.references)
+    if len(refs) <= 1:
+        return Image.fromarray(side_by_side(refs, pad=REF_PAD))
+    return Image.fromarray(faithful_side_by_side(refs, _layout_analyzer(), pad=REF_PAD))

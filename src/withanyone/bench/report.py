@@ -20,7 +20,7 @@ import numpy as np
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .metrics import aggregate
-from .runner import RUN_CONFIG, load_results
+from .runner import RUN_CONFIG, current_results
 from .samples import SUBSETS
 
 #: Metrics in the leaderboard, in order, with their labels.
@@ -74,7 +74,7 @@ def _average_rows(rows: list[dict[str, Any]], models: list[str]) -> list[dict[st
 def summarize(out_dir: str | Path) -> dict[str, Any]:
     """Aggregate ``<out>/results.jsonl`` into the summary dict (also what ``summary.json`` holds)."""
     out_dir = Path(out_dir)
-    rows = load_results(out_dir)
+    rows, stale_rows = current_results(out_dir)
     cfg_path = out_dir / RUN_CONFIG
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     models = sorted({r["face_model"] for r in rows}, key=lambda m: [f["name"] for f in
@@ -128,7 +128,14 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         not_computed["fid"] = ("not computed: Fréchet distance uses CLIP image features (Inception-v3 FID weights "
                                "are not loadable offline) and " + (f"CLIP weights were missing: {why}" if why
                                                                    else "no CLIP model was configured"))
+    stale = [{"sample": r["sample"], "method": r["method"], "face_model": r["face_model"], "why": r["stale"]}
+             for r in stale_rows]
+    stale_by_method: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in stale:
+        for w in r["why"]:
+            stale_by_method[r["method"]][w] += 1
     return {
+        "stale": stale, "stale_methods": {m: dict(v) for m, v in stale_by_method.items()},
         "fid": fid,
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
         "subsets": subsets, "rows": len(rows), "sample_ids": sorted({r["sample"] for r in rows}), "leaderboard": board, "failures": failures, "issues": issues,
@@ -233,6 +240,7 @@ def render_markdown(summary: dict[str, Any], plot_files: dict[str, str]) -> str:
     """The report as Markdown (tables ready to paste)."""
     lines = [f"# MultiID-Bench report — {summary.get('benchmark') or ''}", ""]
     lines += _notes(summary)
+    lines += _stale_md(summary)
     for sub in summary["subsets"]:
         for fm, board in summary["leaderboard"][sub].items():
             lines += [f"## {sub} · face model {fm}", "",
@@ -279,6 +287,30 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def stale_sentence(summary: dict[str, Any]) -> str | None:
+    """One sentence on the rows left out as stale (per method, with reasons), or None when there are none."""
+    per = summary.get("stale_methods") or {}
+    if not per:
+        return None
+    parts = [f"{m} ({sum(1 for r in summary['stale'] if r['method'] == m)} rows: "
+             + ", ".join(f"{k} {v}" for k, v in why.items()) + ")" for m, why in per.items()]
+    return (f"STALE: {len(summary['stale'])} scored rows no longer match the files on disk or this run's "
+            f"settings and are left out of every table: {'; '.join(parts)}. Score them again with "
+            "`withanyone bench run BENCH -m NAME=FOLDER` for each of these methods.")
+
+
+def _stale_md(summary: dict[str, Any]) -> list[str]:
+    text = stale_sentence(summary)
+    if text is None:
+        return []
+    lines = ["## Stale rows (not in the tables)", "", f"**{text}**", ""]
+    lines += [f"- stale {r['sample']} · {r['method']} · {r['face_model']}: {', '.join(r['why'])}"
+              for r in summary["stale"][:200]]
+    if len(summary["stale"]) > 200:
+        lines.append(f"- … and {len(summary['stale']) - 200} more (summary.json lists all)")
+    return lines + [""]
+
+
 def _problems_md(summary: dict[str, Any]) -> list[str]:
     lines = ["## Problems", ""]
     if summary["problem_counts"]:
@@ -302,6 +334,7 @@ td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;vertical-align:top}th
 th.sort{cursor:pointer;text-decoration:underline dotted}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ci{color:#777;font-size:11px}.fail{color:#b00}.note{color:#555;font-size:13px}img.t{display:block;margin:2px 0}
 .plot{max-width:100%}
+.stale{border:2px solid #b00;background:#fff3f3;padding:4px 12px;margin:12px 0}.stale h2{color:#b00;margin-top:8px}
 """
 
 _JS = """
@@ -326,6 +359,12 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
              f"<h1>MultiID-Bench report — {e(str(summary.get('benchmark') or ''))}</h1>", "<ul class='note'>"]
     parts += [f"<li>{e(n[2:]).replace('**', '')}</li>" for n in _notes(summary) if n]
     parts.append("</ul>")
+    stale = stale_sentence(summary)
+    if stale is not None:
+        parts.append(f"<div class='stale' id='stale'><h2>Stale rows (not in the tables)</h2><p>{e(stale)}</p><ul>")
+        parts += [f"<li>{e(r['sample'])} · {e(r['method'])} · {e(r['face_model'])}: {e(', '.join(r['why']))}</li>"
+                  for r in summary["stale"][:200]]
+        parts.append("</ul></div>")
     for sub in summary["subsets"]:
         for fm, board in summary["leaderboard"][sub].items():
             parts.append(f"<h2>Leaderboard {e(sub)} · face model {e(fm)}</h2>")
@@ -423,7 +462,7 @@ def _img(uri: str | None, alt: str) -> str:
 
 def build_gallery(out_dir: Path, face_model: str, max_samples: int | None = 200) -> list[dict[str, Any]]:
     """Thumbnails and numbers per sample (GT, references, each method's output with its face boxes)."""
-    rows = [r for r in load_results(out_dir) if r["face_model"] == face_model]
+    rows = [r for r in current_results(out_dir)[0] if r["face_model"] == face_model]
     samples_path = out_dir / "samples.json"
     info = json.loads(samples_path.read_text()) if samples_path.is_file() else {}
     by_sample: dict[str, dict[str, Any]] = {}

@@ -87,14 +87,27 @@ def reproduce(bench: Benchmark, method_name: str, out_dir: str | Path, spec: Met
               **generate_kwargs: Any) -> tuple[GenerateStats, dict[str, Any], str]:
     """Generate into ``<out>/outputs/<method>``, score into ``<out>/results``, write the reports and
     ``paper_table.md``; returns the generation stats, the summary and the table."""
+    from .generate import GenerationError
     from .readers import read_method_outputs
     from .report import write_reports
-    from .runner import run_benchmark
+    from .runner import check_face_model_spec, run_benchmark
     from .samples import Benchmark as _Benchmark
 
+    for fm in face_models:  # a mistyped face model fails here, not after generating every image
+        try:
+            check_face_model_spec(fm)
+        except ValueError as exc:
+            raise GenerationError(f"-f {fm}: {exc}") from exc
     out_dir = Path(out_dir)
     gen_dir = out_dir / "outputs" / method_name
+    for d in (out_dir, out_dir / "outputs", gen_dir, out_dir / "results"):
+        if d.exists() and not d.is_dir():
+            raise GenerationError(f"--out: {d} is a file, not a folder (outputs and results need folders)")
     stats = generate(bench, gen_dir, method_name, spec, progress=progress, **generate_kwargs)
+    if stats.failed and not stats.generated and not stats.skipped:
+        sid, err = next(iter(stats.failures.items()))
+        raise GenerationError(f"every sample failed to generate ({stats.failed}), nothing to score; "
+                              f"first, {sid}: {err}")
     chosen = set(json.loads((gen_dir / "generate.json").read_text())["samples"])
     sub = _Benchmark(bench.name, [s for s in bench if s.id in chosen], bench.root)
     outputs = read_method_outputs(gen_dir, method_name, sample_ids=[s.id for s in sub])

@@ -68,6 +68,16 @@ class FaceModelSpec:
         return cls(backend.strip(), opts, gate, label)
 
 
+def check_face_model_spec(text: str | FaceModelSpec) -> FaceModelSpec:
+    """Parse a ``-f`` spec and check its backend is known, before anything loads; ValueError naming it."""
+    from ..faces.analyzer import BACKENDS
+
+    spec = FaceModelSpec.parse(text) if isinstance(text, str) else text
+    if spec.backend not in (*BACKENDS, "onnx", "antelopev2", "buffalo_l"):
+        raise ValueError(f"unknown face backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
+    return spec
+
+
 def default_gate(analyzer: Any) -> tuple[float, float]:
     """The CP gate for a face model: the paper's (0.40, 0.35) for ArcFace-type embeddings, the backend's
     same-person threshold for dlib (the paper's thresholds are tuned for ArcFace cosines)."""
@@ -111,6 +121,9 @@ class RunStats:
     rows_written: int = 0
     rows_skipped: int = 0
     rows_rescored: int = 0
+    #: rows of this run (scored now or reused) that could not be scored (:func:`unscorable`), per reason
+    rows_failed: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
     rescore_reasons: dict[str, int] = field(default_factory=dict)
     images_seen: int = 0
     seconds: float = 0.0
@@ -149,8 +162,7 @@ def row_inputs(sample: Sample, method: MethodOutputs, model: FaceModel, digests:
         "output": digests.digest(path) if path is not None else None,
         "gt": digests.digest(sample.gt) if sample.gt is not None else None,
         "references": [digests.digest(r) for r in sample.references],
-        "sample": _short_hash({"prompt": sample.prompt, "num_persons": sample.num_persons,
-                               "subset": sample.subset}),
+        "sample": sample_fingerprint(sample.prompt, sample.num_persons, sample.subset),
         "face_model": model.cache.key,
         "settings": settings,
     }
@@ -170,6 +182,82 @@ def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
         if "sample" in row and "method" in row and "face_model" in row:
             rows[_row_key(row)] = row
     return [rows[k] for k in sorted(rows)]
+
+
+def unscorable(row: dict[str, Any]) -> bool:
+    """True for a row that could not be scored: a missing or unreadable output, nothing to compare with.
+    An output in which no face was found is a result (count accuracy counts it wrong), not a failure."""
+    return row.get("status") != "ok" and row.get("reason") != "no face in output"
+
+
+def sample_fingerprint(prompt: Any, num_persons: Any, subset: Any) -> str:
+    """The hash of a sample's metadata a row depends on (prompt, number of people, subset)."""
+    return _short_hash({"prompt": prompt, "num_persons": num_persons, "subset": subset})
+
+
+def stale_reasons(row: dict[str, Any], samples: dict[str, Any], face_models: dict[str, dict[str, Any]],
+                  digests: FileDigests) -> list[str]:
+    """Why a stored row no longer describes the files on disk now (empty: it does).
+
+    The row's ``inputs`` are checked against the output, GT and reference files as they are now (paths from
+    the row and ``samples.json``), the sample's metadata, and — for face models of the last run
+    (``face_models``: name → run.json entry) — the face model key and the metric settings. A row without
+    fingerprints (written by an older version) is stale."""
+    inputs = row.get("inputs")
+    if not isinstance(inputs, dict):
+        return ["no input fingerprint (row written by an older version)"]
+    why = []
+    out = row.get("output")
+    if (digests.digest(out) if out else None) != inputs.get("output"):
+        why.append(INPUT_CHANGES["output"])
+    info = samples.get(str(row.get("sample")))
+    if isinstance(info, dict):
+        gt = info.get("gt")
+        if (digests.digest(gt) if gt else None) != inputs.get("gt"):
+            why.append(INPUT_CHANGES["gt"])
+        if [digests.digest(r) for r in info.get("references", [])] != inputs.get("references"):
+            why.append(INPUT_CHANGES["references"])
+        if "num_persons" in info and sample_fingerprint(info.get("prompt"), info["num_persons"],
+                                                        info.get("subset")) != inputs.get("sample"):
+            why.append(INPUT_CHANGES["sample"])
+    fm = face_models.get(str(row.get("face_model")))
+    if fm is not None:
+        if fm.get("key") is not None and fm["key"] != inputs.get("face_model"):
+            why.append(INPUT_CHANGES["face_model"])
+        if fm.get("settings") is not None and fm["settings"] != inputs.get("settings"):
+            why.append(INPUT_CHANGES["settings"])
+    return why
+
+
+def current_results(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(current, stale)`` rows of ``<out>/results.jsonl``: a row is current when its content keys match
+    the files on disk now and the last run's face model and settings (:func:`stale_reasons`); each stale
+    row gets ``stale`` (the reasons). Reports show only current rows and list the stale ones."""
+    out_dir = Path(out_dir)
+    rows = load_results(out_dir)
+    if not rows:
+        return [], []
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((out_dir / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    samples = read("samples.json")
+    face_models = {f["name"]: f for f in read(RUN_CONFIG).get("face_models", []) if isinstance(f, dict)
+                   and "name" in f}
+    digests = FileDigests(out_dir / "cache" / "digests.json")
+    current, stale = [], []
+    for r in rows:
+        why = stale_reasons(r, samples, face_models, digests)
+        if why:
+            stale.append({**r, "stale": why})
+        else:
+            current.append(r)
+    digests.save()
+    return current, stale
 
 
 def _ref_faces(model: FaceModel, sample: Sample) -> tuple[list[CachedFaces], list[str]]:
@@ -295,25 +383,28 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         raise ValueError(f"method name {', '.join(map(repr, dup))} given more than once; each method needs "
                          "its own name")
     prior = {_row_key(r): r for r in load_results(out_dir)}
+    settings = {fm.name: metric_settings(fm, image_metrics, cp_normalisation) for fm in models}
     atomic_write_json(out_dir / RUN_CONFIG, {
         "benchmark": bench.name, "root": str(bench.root) if bench.root else None,
         "methods": [m.name for m in methods],
         "face_models": [{"name": m.name, "backend": m.analyzer.backend_name, "key": m.cache.key,
-                         "threshold": m.analyzer.threshold, "gate": list(m.gate)} for m in models],
+                         "threshold": m.analyzer.threshold, "gate": list(m.gate), "settings": settings[m.name]}
+                        for m in models],
         "image_metrics": {im.name: (None if im.available else im.reason) for im in image_metrics},
         "reference_padding": REF_PAD, "cp_normalisation": cp_normalisation,
     })
     samples_path = out_dir / "samples.json"
     known = json.loads(samples_path.read_text()) if samples_path.is_file() else {}
     known.update({s.id: {"prompt": s.prompt, "gt": str(s.gt) if s.gt else None, "subset": s.subset,
-                         "references": [str(p) for p in s.references]} for s in bench})
+                         "num_persons": s.num_persons, "references": [str(p) for p in s.references]}
+                  for s in bench})
     atomic_write_json(samples_path, known)
     stats = RunStats()
     image_memo: dict[tuple[str, str], dict[str, Any]] = {}
     digests = FileDigests(out_dir / "cache" / "digests.json")
-    settings = {fm.name: metric_settings(fm, image_metrics, cp_normalisation) for fm in models}
     todo: list[tuple[Sample, MethodOutputs, FaceModel, dict[str, Any]]] = []
     reasons: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
     for s in bench:
         for m in methods:
             for fm in models:
@@ -322,6 +413,8 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
                 if old is not None:
                     why = changed_inputs(old.get("inputs"), inputs)
                     if not why:
+                        if unscorable(old):
+                            failed[str(old.get("reason"))] += 1
                         continue
                     stats.rows_rescored += 1
                     reasons.update(why)
@@ -366,11 +459,15 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         row["inputs"] = inputs
         append_jsonl(out_dir / RESULTS, row)
         stats.rows_written += 1
+        if unscorable(row):
+            failed[str(row["reason"])] += 1
+    stats.rows_failed = sum(failed.values())
+    stats.failure_reasons = dict(failed.most_common())
     clip = next((im for im in image_metrics if im.name == "clip" and im.available), None)
     if clip is not None:  # set-level: Fréchet distance of CLIP features, GT set vs each method's outputs
         from .fid import fid_by_method
 
-        rows = [r for r in load_results(out_dir) if r["face_model"] == models[0].name]
+        rows = [r for r in current_results(out_dir)[0] if r["face_model"] == models[0].name]
         atomic_write_json(out_dir / "fid.json", {"features": f"CLIP image features ({clip.model_name})",
                                                  "fd": fid_by_method(rows, known, clip)})
     for fm in models:

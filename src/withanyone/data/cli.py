@@ -66,3 +66,8 @@ def build_dataset_command(
                   f"{res.identities} identities; rejected {rep['rejected']}; wrote {out}")
     for c in rep["corrupt_inputs"][:20]:
         console.print(f"[yellow]unreadable[/] {c['source']}: {c['reason']}")
+    if not res.train_rec and not res.train_cp:  # every photo failed or was rejected: nothing to train on
+        why = ", ".join(f"{k} {v}" for k, v in rep["rejected"].items()) or "no photo in the inputs"
+        console.print(f"[red]error:[/] no training sample written from {res.photos} photos ({escape(why)}); "
+                      f"see {escape(str(out / 'report.json'))}")
+        raise typer.Exit(1)

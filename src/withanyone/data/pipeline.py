@@ -143,9 +143,9 @@ def build_dataset(inputs: Sequence[str | Path], out: str | Path, *, backend: str
         lap("write_s")
     finally:
         if started:
-            import ray
+            from ..raysession import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray()
     report = summarize(out, bank.table(), {
         "backend": backend, "thresholds": th.to_dict(), "filters": asdict(filters), "units": len(units),
         "optional_stages": optional_models(), "names_dropped": bank.dropped, "names_merged": bank.merged,
@@ -214,8 +214,10 @@ def _ensure_ray(address: str | None, workers: int) -> bool:
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"py_modules": [str(Path(withanyone.__file__).parent)]})
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+        from ..raysession import start_local_ray
+
+        start_local_ray(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                        object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
     _quiet_ray_data()
     return True
 
