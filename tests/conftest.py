@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
+#: ``../shared/data/faces``; WITHANYONE_SHARED_FACES points elsewhere (e.g. from a git worktree).
+SHARED_FACES = Path(os.environ.get("WITHANYONE_SHARED_FACES", REPO.parent / "shared" / "data" / "faces"))
 SAMPLES = REPO / "samples" / "faces"
 
 
