@@ -64,9 +64,12 @@ def test_demo_names_everyone_in_the_full_size_shared_photos(shared_faces: Path, 
     assert set(summary["gallery"]) >= {"obama", "biden", "kit_harington", "rose_leslie"}
 
 
-def test_demo_command_refuses_a_folder_without_labels(tmp_path: Path):
-    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), "--samples", str(tmp_path)])
-    assert res.exit_code != 0 and "labels.json" in res.output
+def test_demo_command_refuses_a_missing_or_empty_folder_in_one_line(tmp_path: Path):
+    for folder, why in ((tmp_path / "nope", "folder not found"), (tmp_path, "no <person>/<photo> image files")):
+        res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), "--samples", str(folder)])
+        assert _one_line_error(res) == f"error: --samples {folder}: {why}" + (
+            " (want <person>/<n>.jpg photos, optionally group/<n>.jpg with labels.json at the top or in group/)"
+            if why == "folder not found" else " (the gallery the demo names faces against)")
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 1, no traceback
