@@ -24,6 +24,14 @@ def shared_faces() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_faces() -> Path:
+    """Every real photo there is: ``../shared/data/faces`` where present (CI, the workspace), else the bundled
+    ``samples/faces`` (same layout and labels, ≤ 512 px copies of 26 of its photos) — for tests of a property
+    that must hold on every photo, so a fresh clone runs them too."""
+    return SHARED_FACES if (SHARED_FACES / "labels.json").is_file() else SAMPLES
+
+
+@pytest.fixture(scope="session")
 def samples_dir() -> Path:
     """The small photos bundled in the repo for the demo."""
     return SAMPLES
