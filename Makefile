@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo-out
-# e.g. make demo DEMO_ARGS="--samples ../shared/data/faces" to run on the full-size photos
+# e.g. make demo DEMO_ARGS="--samples ~/my-photos" (<person>/<photo>, optional group/ + labels.json)
 DEMO_ARGS ?=
 
 .PHONY: demo test install install-dev lint bench clean

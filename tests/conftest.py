@@ -14,7 +14,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 collect_ignore = [] if os.environ.get("WITHANYONE_COMFYUI_INNER") == "1" else ["comfyui_real"]
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
+#: ``../shared/data/faces``; WITHANYONE_SHARED_FACES points elsewhere (e.g. from a git worktree).
+SHARED_FACES = Path(os.environ.get("WITHANYONE_SHARED_FACES", REPO.parent / "shared" / "data" / "faces"))
 SAMPLES = REPO / "samples" / "faces"
 
 
@@ -24,6 +25,14 @@ def shared_faces() -> Path:
     if not (SHARED_FACES / "labels.json").is_file():
         pytest.skip(f"real photos not available at {SHARED_FACES}")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def real_faces() -> Path:
+    """Every real photo there is: ``../shared/data/faces`` where present (CI, the workspace), else the bundled
+    ``samples/faces`` (same layout and labels, ≤ 512 px copies of 26 of its photos) — for tests of a property
+    that must hold on every photo, so a fresh clone runs them too."""
+    return SHARED_FACES if (SHARED_FACES / "labels.json").is_file() else SAMPLES
 
 
 @pytest.fixture(scope="session")

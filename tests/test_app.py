@@ -18,12 +18,12 @@ from withanyone.pipeline.references import face_arcface  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bad_uploads(tmp_path_factory, shared_faces):
+def bad_uploads(tmp_path_factory, samples_dir):
     d = tmp_path_factory.mktemp("bad")
     (d / "empty.jpg").write_bytes(b"")
-    data = (shared_faces / "obama" / "1.jpg").read_bytes()
+    data = (samples_dir / "obama" / "1.jpg").read_bytes()
     (d / "corrupt.jpg").write_bytes(b"not an image at all" + data[5000:6000])
-    Image.open(shared_faces / "obama" / "1.jpg").convert("CMYK").save(d / "cmyk.jpg")
+    Image.open(samples_dir / "obama" / "1.jpg").convert("CMYK").save(d / "cmyk.jpg")
     Image.new("RGB", (7000, 400), (120, 130, 140)).save(d / "huge.png")
     faceless_photo(d / "landscape.jpg")
     return d
@@ -45,21 +45,21 @@ def test_bad_uploads_become_warnings(bad_uploads, dlib_analyzer):
     assert cmyk.ok and cmyk.warnings == [] and cmyk.crop.shape == (256, 256, 3)
 
 
-def test_group_photo_warns_which_face_and_small_face(shared_faces, dlib_analyzer):
-    res = analyse_photo(shared_faces / "group" / "2.jpg", dlib_analyzer)
+def test_group_photo_warns_which_face_and_small_face(samples_dir, dlib_analyzer):
+    res = analyse_photo(samples_dir / "group" / "2.jpg", dlib_analyzer)
     assert res.ok and res.faces_found >= 2
     assert any(f"{res.faces_found} faces found — using the highest-scoring (as the release) one" in w
                for w in res.warnings)
-    assert res.face.score == max(f.score for f in dlib_analyzer.detect(shared_faces / "group" / "2.jpg"))
-    largest = analyse_photo(shared_faces / "group" / "2.jpg", dlib_analyzer, reference_face="largest")
+    assert res.face.score == max(f.score for f in dlib_analyzer.detect(samples_dir / "group" / "2.jpg"))
+    largest = analyse_photo(samples_dir / "group" / "2.jpg", dlib_analyzer, reference_face="largest")
     assert any("using the largest one" in w for w in largest.warnings)
-    assert largest.face.area == max(f.area for f in dlib_analyzer.detect(shared_faces / "group" / "2.jpg"))
-    small = analyse_photo(shared_faces / "obama" / "1.jpg", dlib_analyzer, min_face=10_000)
+    assert largest.face.area == max(f.area for f in dlib_analyzer.detect(samples_dir / "group" / "2.jpg"))
+    small = analyse_photo(samples_dir / "obama" / "1.jpg", dlib_analyzer, min_face=10_000)
     assert any("the face is small" in w for w in small.warnings)
 
 
-def test_several_photos_give_the_mean_identity(shared_faces, dlib_analyzer):
-    photos = [analyse_photo(shared_faces / "obama" / f"{i}.jpg", dlib_analyzer) for i in (1, 2, 3)]
+def test_several_photos_give_the_mean_identity(samples_dir, dlib_analyzer):
+    photos = [analyse_photo(samples_dir / "obama" / f"{i}.jpg", dlib_analyzer) for i in (1, 2, 3)]
     assert all(p.ok for p in photos)
     ref = merge_identity(photos, need_crop=True)
     raw = np.stack([face_arcface(p.face) for p in photos]).astype(np.float64)
@@ -68,7 +68,7 @@ def test_several_photos_give_the_mean_identity(shared_faces, dlib_analyzer):
     np.testing.assert_allclose(ref.arcface / np.linalg.norm(ref.arcface), direction, atol=1e-6)
     assert np.linalg.norm(ref.arcface) == pytest.approx(np.linalg.norm(raw, axis=1).mean(), rel=1e-5)
     # the mean is closer to each photo than the photos are to each other on average, and far from biden
-    biden = analyse_photo(shared_faces / "biden" / "1.jpg", dlib_analyzer).face.embedding
+    biden = analyse_photo(samples_dir / "biden" / "1.jpg", dlib_analyzer).face.embedding
     cos_mean = unit @ direction
     cos_pairs = [unit[i] @ unit[j] for i in range(3) for j in range(i + 1, 3)]
     assert cos_mean.min() > np.mean(cos_pairs)
@@ -78,7 +78,7 @@ def test_several_photos_give_the_mean_identity(shared_faces, dlib_analyzer):
     assert frontality(best.face) >= max(frontality(p.face) for p in photos) - 0.05
     assert ref.crop.shape == (512, 512, 3) and ref.source.count("+") == 2
     # a photo without a face among them is ignored, not averaged in
-    faceless = analyse_photo(shared_faces / "group" / "4.jpg", dlib_analyzer)
+    faceless = analyse_photo(samples_dir / "group" / "4.jpg", dlib_analyzer)
     faceless.face = None
     np.testing.assert_allclose(merge_identity([*photos, faceless]).arcface, ref.arcface)
     assert merge_identity([faceless]) is None
@@ -86,21 +86,21 @@ def test_several_photos_give_the_mean_identity(shared_faces, dlib_analyzer):
 
 @pytest.mark.parametrize("order", [("obama", "biden"), ("biden", "obama")])
 @pytest.mark.parametrize("group", ["1.jpg", "2.jpg"])
-def test_layout_photo_assigned_by_identity(shared_faces, dlib_analyzer, order, group):
-    labels = json.loads((shared_faces / "labels.json").read_text())[f"group/{group}"]["people"]
+def test_layout_photo_assigned_by_identity(samples_dir, dlib_analyzer, order, group):
+    labels = json.loads((samples_dir / "labels.json").read_text())[f"group/{group}"]["people"]
     centre = {p["id"]: p["cx"] for p in labels if p["id"]}
-    people = [merge_identity([analyse_photo(shared_faces / who / "2.jpg", dlib_analyzer)]) for who in order]
-    a = assign_layout(shared_faces / "group" / group, people, 512, 1024, dlib_analyzer)
+    people = [merge_identity([analyse_photo(samples_dir / who / "2.jpg", dlib_analyzer)]) for who in order]
+    a = assign_layout(samples_dir / "group" / group, people, 512, 1024, dlib_analyzer)
     assert a.method == "identity" and len(a.boxes) == 2
     for who, box in zip(order, a.boxes, strict=True):  # each person gets the box around their own face
         cx = (box[0] + box[2]) / 2 / 1024
         assert abs(cx - centre[who]) < 0.08, (who, cx, centre[who])
 
 
-def test_layout_photo_of_strangers_goes_left_to_right(shared_faces, dlib_analyzer):
-    people = [merge_identity([analyse_photo(shared_faces / who / "1.jpg", dlib_analyzer)])
+def test_layout_photo_of_strangers_goes_left_to_right(samples_dir, dlib_analyzer):
+    people = [merge_identity([analyse_photo(samples_dir / who / "1.jpg", dlib_analyzer)])
               for who in ("tom_hanks", "scarlett")]
-    a = assign_layout(shared_faces / "group" / "1.jpg", people, 512, 512, dlib_analyzer)
+    a = assign_layout(samples_dir / "group" / "1.jpg", people, 512, 512, dlib_analyzer)
     assert a.method == "left-to-right" and a.boxes[0][0] < a.boxes[1][0]
 
 
@@ -116,10 +116,10 @@ def test_drawn_boxes_follow_their_labels():
         boxes_by_name(drawn[:2], ["a", "b", "c"], 512, 1024)
 
 
-def test_bench_explorer_reads_a_real_run(shared_faces, tmp_path):
+def test_bench_explorer_reads_a_real_run(samples_dir, tmp_path):
     from withanyone.app.bench_explorer import BenchResults, ResultsFolderError
 
-    res = BenchResults(bench_results(shared_faces, tmp_path / "results"))
+    res = BenchResults(bench_results(samples_dir, tmp_path / "results"))
     assert res.methods == ["gt-copy", "mirrored"] and res.subsets == ["p2"] and res.face_models == ["dlib"]
     items = res.sample_list("dlib", "p2", "desc")
     assert [sid for _, sid in items] == ["duo"]
@@ -137,13 +137,13 @@ def test_bench_explorer_reads_a_real_run(shared_faces, tmp_path):
         BenchResults(tmp_path)
 
 
-def test_tiny_generation_writes_the_cli_sidecar(shared_faces, tmp_path):
+def test_tiny_generation_writes_the_cli_sidecar(samples_dir, tmp_path):
     from withanyone.app import LoadOptions, Person, Placement, Studio, load_models
 
     models = load_models(LoadOptions(tiny=True, device="cpu"))
     studio = Studio(models, tmp_path)
-    people = [Person("obama", [str(shared_faces / "obama" / "1.jpg"), str(shared_faces / "obama" / "2.jpg")]),
-              Person("biden", [str(shared_faces / "biden" / "1.jpg")])]
+    people = [Person("obama", [str(samples_dir / "obama" / "1.jpg"), str(samples_dir / "obama" / "2.jpg")]),
+              Person("biden", [str(samples_dir / "biden" / "1.jpg")])]
     events = list(studio.generate("a photo of two people", people, Placement("auto"), height=64, width=96, steps=2,
                                   guidance=4.0, seed=7, siglip_weight=0.25))
     assert [e["step"] for e in events[:-1]] == [1, 2]
@@ -186,8 +186,8 @@ def _tiny_image(refs, preset):
 
 
 @pytest.fixture(scope="module")
-def duo_refs(shared_faces, dlib_analyzer):
-    return [merge_identity([analyse_photo(shared_faces / who / "1.jpg", dlib_analyzer)], need_crop=True)
+def duo_refs(samples_dir, dlib_analyzer):
+    return [merge_identity([analyse_photo(samples_dir / who / "1.jpg", dlib_analyzer)], need_crop=True)
             for who in ("obama", "biden")]
 
 

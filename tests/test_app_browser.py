@@ -94,12 +94,12 @@ def studio_url(tmp_path_factory):
     log.close()
 
 
-def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
+def test_studio_generates_in_a_real_browser(studio_url, samples_dir, tmp_path):
     from app_helpers import bench_results, faceless_photo
     from playwright.sync_api import expect, sync_playwright
 
     landscape = faceless_photo(tmp_path / "landscape.jpg")
-    results = bench_results(shared_faces, tmp_path / "bench-results")
+    results = bench_results(samples_dir, tmp_path / "bench-results")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -111,9 +111,9 @@ def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
         page.fill("#name0 textarea, #name0 input", "obama")
         page.fill("#name1 textarea, #name1 input", "biden")
         page.locator("#photos0 input[type=file]").set_input_files(
-            [str(shared_faces / "obama" / "1.jpg"), str(shared_faces / "obama" / "2.jpg")])
+            [str(samples_dir / "obama" / "1.jpg"), str(samples_dir / "obama" / "2.jpg")])
         page.locator("#photos1 input[type=file]").set_input_files(
-            [str(shared_faces / "biden" / "1.jpg"), str(landscape)])
+            [str(samples_dir / "biden" / "1.jpg"), str(landscape)])
         expect(page.locator("#warn1")).to_contain_text("landscape.jpg: no face found")
         expect(page.locator("#warn0")).to_contain_text("2 usable photo(s): identity = their mean")
         expect(page.locator("#crops0 img")).to_have_count(2)
@@ -121,7 +121,7 @@ def test_studio_generates_in_a_real_browser(studio_url, shared_faces, tmp_path):
 
         # a layout photo showing the two people, biden left and obama right: assigned by identity, shown
         page.get_by_label("layout photo").check()
-        page.locator("#layout input[type=file]").set_input_files(str(shared_faces / "group" / "2.jpg"))
+        page.locator("#layout input[type=file]").set_input_files(str(samples_dir / "group" / "2.jpg"))
         expect(page.locator("#layout_msg")).to_contain_text("matched by identity: obama (cos")
         expect(page.locator("#layout_view img")).to_be_visible()
 

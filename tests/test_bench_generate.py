@@ -60,8 +60,8 @@ def build_tiny_bench(faces: Path, root: Path, analyzer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(shared_faces, dlib_analyzer, tmp_path_factory) -> Path:
-    return build_tiny_bench(shared_faces, tmp_path_factory.mktemp("tinybench") / "bench", dlib_analyzer)
+def tiny_bench(samples_dir, dlib_analyzer, tmp_path_factory) -> Path:
+    return build_tiny_bench(samples_dir, tmp_path_factory.mktemp("tinybench") / "bench", dlib_analyzer)
 
 
 def _env() -> dict[str, str]:

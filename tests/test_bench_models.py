@@ -42,7 +42,9 @@ def test_two_face_models_and_their_average(samples_dir, tmp_path):
     assert a != b  # detection on a smaller copy moves landmarks: really two models
     expected = np.mean([(a[p] + b[p]) / 2 for p in people])
     assert board["average"]["gt"]["sim_ref"]["mean"] == pytest.approx(expected)
-    assert summary["gates"] == {"dlib": [0.925, 0.925], "dlib-small": [0.4, 0.35]}
+    from withanyone.faces.backends.dlib_backend import SAME_PERSON_THRESHOLD as T
+
+    assert summary["gates"] == {"dlib": [T, T], "dlib-small": [0.4, 0.35]}
     md = (tmp_path / "report.md").read_text()
     assert "## p1 · face model average" in md and "Sim(GT) > 0.400 (one person)" in md
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from withanyone.cli import app
 
 
-def test_faces_cli_names_people_and_draws(shared_faces: Path, samples_dir: Path, tmp_path: Path):
+def test_faces_cli_names_people_and_draws(samples_dir: Path, tmp_path: Path):
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     for name in ("obama", "biden"):
@@ -55,18 +55,22 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "faces" in out.stdout
 
 
-def test_demo_names_everyone_in_the_full_size_shared_photos(shared_faces: Path, tmp_path: Path):
+def test_demo_names_everyone_in_every_real_photo(real_faces: Path, tmp_path: Path):
+    """The full-size ../shared photos where present, else the bundled copies."""
     from withanyone.demo import run_faces_demo
 
-    summary = run_faces_demo(tmp_path, samples=shared_faces)
+    summary = run_faces_demo(tmp_path, samples=real_faces)
     assert summary["all_correct"], [c for c in summary["checks"] if not c["ok"]]
     assert sum(c["expected"] is not None for c in summary["checks"]) == 6
     assert set(summary["gallery"]) >= {"obama", "biden", "kit_harington", "rose_leslie"}
 
 
-def test_demo_command_refuses_a_folder_without_labels(tmp_path: Path):
-    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), "--samples", str(tmp_path)])
-    assert res.exit_code != 0 and "labels.json" in res.output
+def test_demo_command_refuses_a_missing_or_empty_folder_in_one_line(tmp_path: Path):
+    for folder, why in ((tmp_path / "nope", "folder not found"), (tmp_path, "no <person>/<photo> image files")):
+        res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), "--samples", str(folder)])
+        assert _one_line_error(res) == f"error: --samples {folder}: {why}" + (
+            " (want <person>/<n>.jpg photos, optionally group/<n>.jpg with labels.json at the top or in group/)"
+            if why == "folder not found" else " (the gallery the demo names faces against)")
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 1, no traceback

@@ -343,7 +343,7 @@ def test_non_ascii_names_get_readable_ids_and_keep_the_original():
     assert {v["search_name"] for v in table.values()} == {"杨幂", "김연아", "Björk"}
 
 
-def test_faces_stage_keeps_the_raw_norm_for_labels(shared_faces):
+def test_faces_stage_keeps_the_raw_norm_for_labels(samples_dir):
     """insightface faces carry their raw ArcFace norm; labels store the raw vector (as the published ones and
     generation's adapter input), the builder's matching keeps the unit vector; old records default to norm 1."""
     from withanyone.data.faces_stage import analyze_photo
@@ -357,7 +357,7 @@ def test_faces_stage_keeps_the_raw_norm_for_labels(shared_faces):
             return [Face(bbox=np.array([20, 20, 100, 110], np.float32), score=0.9, landmarks=lm,
                          embedding=unit_vec, backend="insightface", extra={"embedding_norm": 23.5})]
 
-    rec = analyze_photo(RawNormAnalyzer(), 0, InputItem(str(shared_faces / "obama" / "1.jpg")))
+    rec = analyze_photo(RawNormAnalyzer(), 0, InputItem(str(samples_dir / "obama" / "1.jpg")))
     face = rec.faces[0]
     np.testing.assert_allclose(face.embedding_array(), unit_vec, rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(face.raw_embedding()), 23.5, rtol=1e-5)
@@ -365,14 +365,14 @@ def test_faces_stage_keeps_the_raw_norm_for_labels(shared_faces):
     assert old.embedding_norm == 1.0 and old.raw_embedding() == face.embedding
 
 
-def test_reference_tars_store_the_raw_norm(shared_faces):
+def test_reference_tars_store_the_raw_norm(samples_dir):
     """Reference-bank samples store embedding × raw norm (insightface's raw vector, as training feeds the adapter)."""
     from withanyone.data.bank import BankIdentity, BankMember
     from withanyone.data.pipeline import _reference_samples
     from withanyone.data.reader import load_npy_restricted
 
     v = unit(np.arange(1, 9, dtype=np.float32))
-    src = str(shared_faces / "obama" / "1.jpg")
+    src = str(samples_dir / "obama" / "1.jpg")
     members = [BankMember(0, 0, v, src, item=InputItem(src), embedding_norm=21.0),
                BankMember(1, 0, v, src, item=InputItem(src))]  # dlib-like: norm 1
     (raw, plain) = list(_reference_samples([BankIdentity("id_a", ["a"], v, members)], fetch=False))

@@ -28,14 +28,14 @@ def _single_person_photos(root: Path) -> list[tuple[str, Path]]:
 
 
 @pytest.fixture(scope="module")
-def shared_results(shared_faces: Path, dlib_analyzer):
-    photos = _single_person_photos(shared_faces)
+def shared_results(real_faces: Path, dlib_analyzer):
+    photos = _single_person_photos(real_faces)
     return photos, [dlib_analyzer.analyze(p) for _, p in photos]
 
 
 def test_every_single_person_photo_has_a_face_with_sane_landmarks(shared_results):
     photos, results = shared_results
-    assert len(photos) >= 30
+    assert len(photos) >= 22  # 37 in ../shared, 22 bundled
     for (_, path), res in zip(photos, results, strict=True):
         assert res.ok and res.faces, f"no face in {path}"
         f = res.faces[0]
@@ -74,9 +74,10 @@ def _gallery_dir(root: Path, tmp: Path) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("which", ["shared", "bundled"])
-def test_group_photos_are_named_as_labelled(which, shared_faces, samples_dir, dlib_analyzer, tmp_path):
-    root = shared_faces if which == "shared" else samples_dir
+@pytest.mark.parametrize("which", ["real", "bundled"])
+def test_group_photos_are_named_as_labelled(which, real_faces, samples_dir, dlib_analyzer, tmp_path):
+    """``real``: the full-size ../shared photos where present (else the bundled ones again)."""
+    root = real_faces if which == "real" else samples_dir
     gallery = Gallery.from_folder(_gallery_dir(root, tmp_path), dlib_analyzer)
     assert gallery.skipped == []
     labels = load_labels(root / "labels.json")
@@ -94,8 +95,8 @@ def test_group_photos_are_named_as_labelled(which, shared_faces, samples_dir, dl
     assert sum(c.expected is not None for c in checks) == 6  # every labelled person (2 + 2 + 2), named right
 
 
-def test_alignment_puts_landmarks_on_the_arcface_template(shared_faces, dlib_analyzer):
-    img = load_image(shared_faces / "obama" / "2.jpg")
+def test_alignment_puts_landmarks_on_the_arcface_template(samples_dir, dlib_analyzer):
+    img = load_image(samples_dir / "obama" / "2.jpg")
     face = dlib_analyzer.detect(img)[0]
     crop = align_face(img, face.landmarks)
     assert crop.shape == (112, 112, 3) and crop.std() > 20
@@ -141,10 +142,10 @@ def test_hungarian_match_is_the_best_one_to_one_pairing():
     assert hungarian_match(np.zeros((0, 16)), b) == ([], pytest.approx(np.zeros(0)))
 
 
-def test_batch_with_two_workers_matches_one_and_survives_bad_files(shared_faces, tmp_path, dlib_analyzer):
+def test_batch_with_two_workers_matches_one_and_survives_bad_files(samples_dir, tmp_path, dlib_analyzer):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    images = [shared_faces / "biden" / "1.jpg", bad, shared_faces / "group" / "1.jpg"]
+    images = [samples_dir / "biden" / "1.jpg", bad, samples_dir / "group" / "1.jpg"]
     one = dlib_analyzer.analyze_many(images, workers=1, progress=False)
     fresh = FaceAnalyzer("dlib")
     two = fresh.analyze_many(images, workers=2, progress=False)
@@ -157,10 +158,10 @@ def test_batch_with_two_workers_matches_one_and_survives_bad_files(shared_faces,
     assert fresh.calls == {"detect": 2, "embed": 3}
 
 
-def test_no_face_and_many_faces(shared_faces, dlib_analyzer):
+def test_no_face_and_many_faces(samples_dir, dlib_analyzer):
     blank = np.full((200, 300, 3), 128, np.uint8)
     assert dlib_analyzer.detect(blank) == []
-    many = dlib_analyzer.detect(shared_faces / "group" / "4.jpg")
+    many = dlib_analyzer.detect(samples_dir / "group" / "4.jpg")
     assert len(many) == 6
     areas = [f.area for f in many]
     assert areas == sorted(areas, reverse=True)

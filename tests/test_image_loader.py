@@ -144,8 +144,8 @@ def test_exif_rotation_is_applied(tmp_path: Path):
     assert out[5, 10, 0] > 200 and out[35, 10, 0] < 60  # red half is now on top
 
 
-def test_exif_rotated_face_photo_still_finds_the_face(tmp_path: Path, shared_faces: Path, dlib_analyzer):
-    im = Image.open(shared_faces / "obama" / "1.jpg")
+def test_exif_rotated_face_photo_still_finds_the_face(tmp_path: Path, samples_dir: Path, dlib_analyzer):
+    im = Image.open(samples_dir / "obama" / "1.jpg")
     im.thumbnail((400, 400))
     sideways = im.transpose(Image.Transpose.ROTATE_90)  # stored sideways…
     exif = sideways.getexif()
@@ -156,8 +156,8 @@ def test_exif_rotated_face_photo_still_finds_the_face(tmp_path: Path, shared_fac
     assert load_image(p).shape[:2] == (im.height, im.width)
 
 
-def test_bytes_and_pil_and_path_agree(shared_faces: Path):
-    p = shared_faces / "biden" / "1.jpg"
+def test_bytes_and_pil_and_path_agree(samples_dir: Path):
+    p = samples_dir / "biden" / "1.jpg"
     a = load_image(p)
     b = load_image(p.read_bytes())
     c = load_image(Image.open(p))

@@ -36,13 +36,13 @@ def tiny_pack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def planted_photo(tmp_path_factory, shared_faces):
+def planted_photo(tmp_path_factory, samples_dir):
     """A real photo with a tiny-pack "face" (blue key square) painted over the face: a path and the array."""
     from tiny_models.insightface_pack import paint_key
 
     from withanyone.faces import load_image
 
-    img = paint_key(load_image(shared_faces / "obama" / "1.jpg"), 100, 80, 196, 176)
+    img = paint_key(load_image(samples_dir / "obama" / "1.jpg"), 100, 80, 196, 176)
     path = tmp_path_factory.mktemp("photos") / "planted.png"
     Image.fromarray(img).save(path)
     return path, img
@@ -131,11 +131,11 @@ def test_references_as_paths_images_arrays_and_embeddings_agree(pipe, tiny_pack,
         _run(pipe, references=[blank])
 
 
-def test_dlib_analyzer_is_refused_by_the_pipeline(pipe, dlib_analyzer, shared_faces):
+def test_dlib_analyzer_is_refused_by_the_pipeline(pipe, dlib_analyzer, samples_dir):
     pipe.set_face_analyzer(dlib_analyzer)
     try:
         with pytest.raises(ReferenceError, match="128-d.*dlib.*antelopev2"):
-            _run(pipe, references=[shared_faces / "obama" / "1.jpg"])
+            _run(pipe, references=[samples_dir / "obama" / "1.jpg"])
         with pytest.raises(ReferenceError, match="128-d"):
             _run(pipe, references=[np.ones(128, np.float32)])
     finally:

@@ -122,7 +122,7 @@ def test_full_siglip_checkpoint_gives_its_vision_tower(tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def test_generate_cli_writes_image_and_sidecar(saved, tmp_path, shared_faces):
+def test_generate_cli_writes_image_and_sidecar(saved, tmp_path, samples_dir):
     from typer.testing import CliRunner
 
     from withanyone.cli import app
@@ -166,7 +166,7 @@ def test_generate_cli_writes_image_and_sidecar(saved, tmp_path, shared_faces):
     from withanyone.faces import load_image
 
     build_tiny_pack(tmp_path / "pack")
-    Image.fromarray(paint_key(load_image(shared_faces / "obama" / "1.jpg"), 100, 80, 196, 176)).save(tmp_path / "o.png")
+    Image.fromarray(paint_key(load_image(samples_dir / "obama" / "1.jpg"), 100, 80, 196, 176)).save(tmp_path / "o.png")
     i = common.index("--ref")
     photo_args = common[:i] + ["--ref", str(tmp_path / "o.png"), "--box", "8,8,40,40"] + common[i + 8:]
     res3 = runner.invoke(app, photo_args + ["--out", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "lora"),

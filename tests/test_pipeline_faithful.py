@@ -200,9 +200,9 @@ def test_highest_score_face_by_default_largest_on_request(dlib_analyzer, shared_
         prepare_reference(one, dlib_analyzer, dim=128)
 
 
-def test_pipeline_uses_the_highest_score_face(dlib_analyzer, shared_faces):
+def test_pipeline_uses_the_highest_score_face(dlib_analyzer, samples_dir):
     pipe = tiny_pipeline(face_analyzer=dlib_analyzer)
-    path = shared_faces / "group" / "3.jpg"
+    path = samples_dir / "group" / "3.jpg"
     faces = dlib_analyzer.detect(path)
     with pytest.warns(UserWarning):
         (ref,) = pipe.prepare_identities([path], need_crop=False)
@@ -212,12 +212,14 @@ def test_pipeline_uses_the_highest_score_face(dlib_analyzer, shared_faces):
     np.testing.assert_array_equal(big.bbox, max(faces, key=lambda f: f.area).bbox)
 
 
-def test_border_face_is_squared_before_clipping(dlib_analyzer, shared_faces):
+def test_border_face_is_squared_before_clipping(dlib_analyzer, samples_dir):
     from withanyone.faces import load_image
     from withanyone.pipeline.references import square_crop
 
-    # the left face of group/1.jpg, cut by the photo's left border
-    image = np.ascontiguousarray(load_image(shared_faces / "group" / "1.jpg")[:, 250:650])
+    # the left face of group/1.jpg, cut by the photo's left border (columns 250:650 of the 1126-px original)
+    full = load_image(samples_dir / "group" / "1.jpg")
+    w = full.shape[1]
+    image = np.ascontiguousarray(full[:, w * 250 // 1126:w * 650 // 1126])
     (face,) = dlib_analyzer.detect(image)
     raw = face.extra["raw_bbox"]
     assert raw[0] < 0 and face.bbox[0] == 0  # the detector's box reaches past the border; bbox is clipped
@@ -278,13 +280,13 @@ def test_matting_pastes_the_crop_on_black_through_the_mask(tmp_path):
     np.testing.assert_array_equal(out[mask == 255], crop[mask == 255])
 
 
-def test_use_matting_changes_the_siglip_features_and_loads_only_when_asked(tmp_path, shared_faces):
+def test_use_matting_changes_the_siglip_features_and_loads_only_when_asked(tmp_path, samples_dir):
     from tiny_models.insightface_pack import build_tiny_pack, paint_key
 
     from withanyone.faces import load_image
 
     build_tiny_pack(tmp_path / "pack")
-    photo = paint_key(load_image(shared_faces / "obama" / "1.jpg"), 100, 80, 196, 176)
+    photo = paint_key(load_image(samples_dir / "obama" / "1.jpg"), 100, 80, 196, 176)
     _tiny_segformer().save_pretrained(tmp_path / "seg")
     pipe = WithAnyonePipeline(**get_dummy_components(), adapter=tiny_adapter())
     pipe.set_progress_bar_config(disable=True)

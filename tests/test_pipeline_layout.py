@@ -78,18 +78,18 @@ def test_validate_boxes_accepts_and_refuses_with_named_errors():
 
 
 # ---------------------------------------------------------------- layout photo
-def test_boxes_from_group_photo_match_the_labels(shared_faces, dlib_analyzer):
-    labels = json.loads((shared_faces / "labels.json").read_text())
+def test_boxes_from_group_photo_match_the_labels(samples_dir, dlib_analyzer):
+    labels = json.loads((samples_dir / "labels.json").read_text())
     people = labels["group/1.jpg"]["people"]  # obama left, biden right
-    boxes = boxes_from_layout(shared_faces / "group" / "1.jpg", 2, 512, 768, dlib_analyzer)
+    boxes = boxes_from_layout(samples_dir / "group" / "1.jpg", 2, 512, 768, dlib_analyzer)
     assert len(boxes) == 2 and boxes[0][0] < boxes[1][0]
     for box, person in zip(boxes, sorted(people, key=lambda p: p["cx"]), strict=False):
         cx, cy = (box[0] + box[2]) / 2 / 768, (box[1] + box[3]) / 2 / 512
         assert abs(cx - person["cx"]) < 0.05 and abs(cy - person["cy"]) < 0.08, (box, person)
     # resolve_boxes routes a path to the layout-photo mode and validates the result
-    assert resolve_boxes(str(shared_faces / "group" / "1.jpg"), 2, 512, 768, dlib_analyzer) == boxes
+    assert resolve_boxes(str(samples_dir / "group" / "1.jpg"), 2, 512, 768, dlib_analyzer) == boxes
     with pytest.raises(FaceCountError, match=r"1\.jpg shows 2 face\(s\) but 3 reference"):
-        boxes_from_layout(shared_faces / "group" / "1.jpg", 3, 512, 512, dlib_analyzer)
+        boxes_from_layout(samples_dir / "group" / "1.jpg", 3, 512, 512, dlib_analyzer)
 
 
 # ---------------------------------------------------------------- references
@@ -105,8 +105,8 @@ def test_square_crop_is_square_around_the_box_and_clipped():
     assert edge.shape == (32, 32, 3)
 
 
-def test_dlib_embeddings_are_refused_with_the_reason(shared_faces, dlib_analyzer):
-    photo = shared_faces / "obama" / "1.jpg"
+def test_dlib_embeddings_are_refused_with_the_reason(samples_dir, dlib_analyzer):
+    photo = samples_dir / "obama" / "1.jpg"
     with pytest.raises(ReferenceError, match="128-d.*dlib.*512-d ArcFace.*antelopev2"):
         check_analyzer(dlib_analyzer)
     with pytest.raises(ReferenceError, match="128-d.*dlib"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def test_tiny_pipeline_generates_from_real_photos(shared_faces):
+def test_tiny_pipeline_generates_from_real_photos(samples_dir):
     from withanyone.pipeline.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    refs = [shared_faces / "obama" / "1.jpg", shared_faces / "biden" / "1.jpg"]
+    refs = [samples_dir / "obama" / "1.jpg", samples_dir / "biden" / "1.jpg"]
     kw = dict(references=refs, height=64, width=96, num_inference_steps=2, max_sequence_length=16, output_type="np")
     a = pipe("two people at the beach", seed=3, **kw)
     b = pipe("two people at the beach", seed=3, **kw)

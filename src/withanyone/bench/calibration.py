@@ -31,13 +31,46 @@ CALIBRATION_METHODS = ("gt-copy", "ref-copy", "other-person", "face-swap")
 #: Methods written besides the four: the unpadded reference photos.
 EXTRA_METHODS = ("ref-copy-unpadded",)
 
-#: Two-person samples from the bundled group photos: (group photo, people left to right).
-GROUP_SAMPLES = {"group/1.jpg": ("obama", "biden"), "group/3.jpg": ("rose_leslie", "kit_harington")}
+
+def _people(samples: Path) -> dict[str, list[Path]]:
+    """Person folders with at least two photos (photo 1 is the GT, photo 2 the reference), in name order."""
+    from ..faces.labels import single_person_photos
+
+    return {p: photos for p, photos in single_person_photos(samples).items() if len(photos) >= 2}
 
 
-def _people(samples: Path) -> list[str]:
-    return sorted(p.name for p in samples.iterdir()
-                  if p.is_dir() and p.name != "group" and len(list(p.glob("*.jpg"))) >= 2)
+def calibration_plan(samples: str | Path) -> dict:
+    """Which samples a folder gives: ``people`` (``{person: [gt, ref]}``, one-person samples), ``groups``
+    (``{group photo: people left to right}``, two-person samples) and ``skipped`` (``[(what, why)]``).
+
+    A labelled group photo (``labels.json`` at the top or in ``group/``) makes a two-person sample when it shows
+    exactly two faces, both labelled with a centre, and both people have a folder of two or more photos.
+    """
+    from ..faces.labels import find_labels, load_folder_labels
+
+    samples = Path(samples)
+    people = _people(samples)
+    skipped: list[tuple[str, str]] = []
+    groups: dict[str, tuple[str, ...]] = {}
+    labels = load_folder_labels(samples)
+    if find_labels(samples) is None:
+        skipped.append(("two-person samples", f"no labels.json in {samples} or {samples / 'group'}"))
+    for rel, label in sorted(labels.items()):
+        known = [p for p in label["people"] if p.get("id") and "cx" in p]
+        n = label.get("faces", len(label["people"]))
+        if not (samples / rel).is_file():
+            skipped.append((rel, "labelled but the file is missing"))
+        elif n != 2 or len(known) != 2:
+            skipped.append((rel, f"{n} face(s), {len(known)} labelled with a person and centre (want 2 and 2)"))
+        elif missing := [p["id"] for p in known if p["id"] not in people]:
+            skipped.append((rel, f"no folder of ≥ 2 photos for {', '.join(missing)}"))
+        else:
+            groups[rel] = tuple(p["id"] for p in sorted(known, key=lambda p: p["cx"]))
+    if labels and not groups:
+        skipped.append(("two-person samples", "no labelled group photo qualifies (see above)"))
+    if len(people) < 2:
+        skipped.append(("one-person samples", f"{len(people)} person folder(s) with two photos or more (want 2)"))
+    return {"people": {p: photos[:2] for p, photos in people.items()}, "groups": groups, "skipped": skipped}
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -144,7 +177,7 @@ def build_calibration(samples: str | Path, out: str | Path, analyzer=None) -> tu
     """Build the mini benchmark and the four calibration methods from the bundled ``samples`` photos.
 
     One-person samples: per person with ≥ 2 photos, GT = photo 1, reference = photo 2. Two-person samples:
-    the labelled group photos of :data:`GROUP_SAMPLES`. Files already written are reused.
+    the labelled group photos that qualify (:func:`calibration_plan`). Files already written are reused.
     """
     from ..faces import FaceAnalyzer, load_image
     from ..faces.identity import hungarian_match
@@ -152,22 +185,24 @@ def build_calibration(samples: str | Path, out: str | Path, analyzer=None) -> tu
     samples, out = Path(samples), Path(out)
     bdir, mdir = out / "benchmark", out / "methods"
     analyzer = analyzer or FaceAnalyzer("dlib")
-    people = _people(samples)
+    plan = calibration_plan(samples)
+    photos = plan["people"]
+    people = list(photos)
     if len(people) < 2:
-        raise ValueError(f"{samples}: need at least two person folders with two photos each")
+        raise ValueError(f"{samples}: need at least two person folders with two photos each, found {len(people)}")
     items: list[dict] = []
     for k, person in enumerate(people):
         other = people[(k + 1) % len(people)]
-        items.append({"id": f"p1_{person}", "gt": samples / person / "1.jpg", "refs": [samples / person / "2.jpg"],
-                      "other": samples / other / "1.jpg", "names": [person],
+        items.append({"id": f"p1_{person}", "gt": photos[person][0], "refs": [photos[person][1]],
+                      "other": photos[other][0], "names": [person],
                       "prompt": f"a photo of {person.replace('_', ' ')}"})
-    groups = [g for g in GROUP_SAMPLES if (samples / g).is_file()]
+    groups = list(plan["groups"])
     for k, g in enumerate(groups):
-        names = GROUP_SAMPLES[g]
-        if not all((samples / n / "2.jpg").is_file() for n in names):
-            continue
+        names = plan["groups"][g]
+        # somebody else: the next group photo, or with only one, the first person not in this one (else none)
+        others = [samples / x for x in groups if x != g] or [photos[p][0] for p in people if p not in names]
         items.append({"id": f"p2_{Path(g).stem}_{'_'.join(names)}", "gt": samples / g,
-                      "refs": [samples / n / "2.jpg" for n in names], "other": samples / groups[(k + 1) % len(groups)],
+                      "refs": [photos[n][1] for n in names], "other": others[k % len(others)] if others else None,
                       "names": list(names), "prompt": f"{' and '.join(n.replace('_', ' ') for n in names)} together"})
     for it in items:
         folder = bdir / it["id"]
@@ -194,7 +229,8 @@ def build_calibration(samples: str | Path, out: str | Path, analyzer=None) -> tu
             _copy(it["refs"][0], mdir / "ref-copy-unpadded" / f"{it['id']}.jpg")
         elif not (mdir / "ref-copy-unpadded" / f"{it['id']}.png").exists():
             _save_png(side_by_side(it["refs"]), mdir / "ref-copy-unpadded" / f"{it['id']}.png")
-        _copy(it["other"], mdir / "other-person" / f"{it['id']}.jpg")
+        if it["other"] is not None:
+            _copy(it["other"], mdir / "other-person" / f"{it['id']}.jpg")
         swap_path = mdir / "face-swap" / f"{it['id']}.jpg"
         if not swap_path.exists():
             target = load_image(it["gt"])

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..faces.backends.dlib_backend import SAME_PERSON_THRESHOLD as DLIB_SAME_PERSON
 from ..faces.types import l2_normalize
 
 
@@ -26,14 +27,15 @@ class Thresholds:
         return asdict(self)
 
 
-#: dlib cosines are compressed: on the shared photos same person ≥ 0.929 (photo vs photo) and ≥ 0.969
+#: dlib cosines are compressed: assign and member are dlib's same-person threshold (one source:
+#: ``faces/backends/dlib_backend.py``). On the shared photos same person ≥ 0.929 (photo vs photo) and ≥ 0.969
 #: (face vs centre), different people ≤ 0.919 (photo vs photo) and ≤ 0.915 (centre vs centre); unknown
 #: faces reach at most 0.898 against a centre and the smallest true-vs-runner-up gap is 0.055, so a 0.02
 #: margin rejects only genuinely ambiguous faces. ArcFace (insightface) follows the paper: assign above
 #: 0.45 (0.4–0.5 in the paper), margin 0.1 (ArcFace cosines spread over [−0.2, 0.9]), members 0.45,
 #: merge at 0.6.
 BACKEND_THRESHOLDS: dict[str, Thresholds] = {
-    "dlib": Thresholds(assign=0.925, margin=0.02, member=0.925, merge=0.95),
+    "dlib": Thresholds(assign=DLIB_SAME_PERSON, margin=0.02, member=DLIB_SAME_PERSON, merge=0.95),
     "insightface": Thresholds(assign=0.45, margin=0.10, member=0.45, merge=0.60),
 }
 

@@ -29,6 +29,15 @@ DLIB5_IN_ARCFACE_FRAME = np.array(
 #: faces (confidences 1.017–1.112) and nothing else, so there is no fake to calibrate against.
 MIN_SCORE = {"hog": 0.3, "cnn": 0.0}
 
+#: Same-person cosine on unit-normed dlib descriptors (photo vs photo), the one source of the dlib thresholds
+#: (gallery naming, the bench gate, the dataset builder's assign/member cuts). Measured by
+#: ``benchmarks/faces_roc.py`` on ``shared/data/faces`` + ``samples/faces`` (84 faces, 202 same-person and
+#: 3212 different-person pairs, group photos included): different people ≤ 0.9186, same person ≥ 0.9290. A
+#: same-person pair of a hidden set scored 0.923, so 0.921 (not the gap's middle, 0.925) sits between the
+#: closest different-person pair seen (−0.0024) and that pair (+0.002); FPR 0 and TPR 1 on all pairs here.
+#: See docs/faces.md ("Same-person threshold"). ArcFace thresholds (0.3–0.5) do not transfer.
+SAME_PERSON_THRESHOLD = 0.921
+
 _MODEL_FILES = {
     "shape5": "shape_predictor_5_face_landmarks.dat",
     "resnet": "dlib_face_recognition_resnet_model_v1.dat",
@@ -60,9 +69,7 @@ class DlibBackend(FaceBackend):
 
     name = "dlib"
     embedding_dim = 128
-    # Cosine on unit-normed dlib descriptors, measured on the shared photos: same person ≥ 0.929, different
-    # people ≤ 0.919 (group photos included); 0.925 sits in that gap. ArcFace thresholds (0.3–0.5) do not transfer.
-    same_person_threshold = 0.925
+    same_person_threshold = SAME_PERSON_THRESHOLD
 
     def __init__(self, detector: str = "hog", max_side: int = 1024, upsample: int = 1,
                  min_score: float | None = None, num_jitters: int = 0):
