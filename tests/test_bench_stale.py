@@ -8,6 +8,8 @@ dlib's detector unscaled (as the demo's calibration benchmark does).
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import subprocess
@@ -190,6 +192,13 @@ def test_report_leaves_out_rows_whose_outputs_changed(bench, bench_dir, tmp_path
     assert "Stale rows (not in the tables)" in md and "stale p1_obama · B · dlib: output image changed" in md
     assert "<div class='stale' id='stale'>" in page and "p1_obama · B · dlib: output image changed" in page
     assert json.loads((res / "summary.json").read_text())["stale_methods"] == {"B": {"output image changed": 1}}
+    if importlib.util.find_spec("gradio") is not None:  # the app's Bench explorer reads the same rows
+        from withanyone.app.bench_explorer import BenchResults
+
+        explorer = BenchResults(res)
+        assert [(r["sample"], r["method"]) for r in explorer.stale] == [("p1_obama", "B")]
+        assert ("p1_obama", "B") not in {(r["sample"], r["method"]) for r in explorer.rows}
+        assert [v.method for v in explorer.sample("p1_obama", "dlib")[1]] == ["A"]
 
     run_benchmark(bench, methods[1:], res, progress=False)
     summary = write_reports(res, gallery=False)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..bench.cache import REF_PAD
-from ..bench.runner import RESULTS, RUN_CONFIG, load_results
+from ..bench.runner import RESULTS, RUN_CONFIG, current_results
 from ..io import read_jsonl
 
 
@@ -57,7 +57,11 @@ class BenchResults:
         if not (self.folder / RESULTS).is_file():
             raise ResultsFolderError(f"{self.folder}: no {RESULTS} here — pick the --out folder of "
                                      "`withanyone bench run`")
-        self.rows = load_results(self.folder)
+        #: rows whose content keys match the files on disk now; ``stale`` holds the others (not shown)
+        self.rows, self.stale = current_results(self.folder)
+        if not self.rows and self.stale:
+            raise ResultsFolderError(f"{self.folder / RESULTS}: all {len(self.stale)} rows are stale (outputs, GT or "
+                                     "settings changed since they were scored) — rerun `withanyone bench run`")
         if not self.rows:
             raise ResultsFolderError(f"{self.folder / RESULTS} holds no rows yet")
         samples = self.folder / "samples.json"

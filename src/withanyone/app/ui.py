@@ -343,7 +343,9 @@ def _bench_tab() -> None:
         except Exception as exc:
             return (None, f"⚠ {exc}", gr.update(choices=[]), gr.update(choices=["all"]), gr.update(choices=["any"]))
         fms = res.face_models
-        return (res, f"{len(res.rows)} rows · methods {', '.join(res.methods)} · face models {', '.join(fms)}",
+        stale = (f" · ⚠ {len(res.stale)} stale rows left out (methods {', '.join(sorted({r['method'] for r in res.stale}))}"
+                 "; rerun `withanyone bench run`)") if res.stale else ""
+        return (res, f"{len(res.rows)} rows · methods {', '.join(res.methods)} · face models {', '.join(fms)}{stale}",
                 gr.update(choices=fms, value=fms[0]), gr.update(choices=["all", *res.subsets], value="all"),
                 gr.update(choices=["any", *res.methods], value="any"))
 

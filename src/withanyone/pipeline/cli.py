@@ -54,7 +54,8 @@ def validate_generate_args(refs: list[str], height: int, width: int, steps: int,
     from ..faces.image import load_image
     for flag, value in (options or {}).items():
         if value not in _CHOICES[flag]:
-            raise ValueError(f"{flag} {value!r}: choose {', '.join(_CHOICES[flag])}")
+            *rest, last = _CHOICES[flag]
+            raise ValueError(f"{flag} {value!r}: choose {', '.join(rest) + ' or ' if rest else ''}{last}")
     for flag, v in (("--height", height), ("--width", width)):
         if v < 16 or v % 16:
             near = sorted({max(16, v // 16 * 16), v // 16 * 16 + 16})
