@@ -152,7 +152,8 @@ class ComfyServer:
         self.comfy_dir, self.base = comfy_dir, base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "models/withanyone", "input",
+        for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "models/withanyone", "models/clip_vision",
+                    "models/insightface", "input",
                     "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         for name, target in (custom_nodes or {}).items():
@@ -199,9 +200,12 @@ class ComfyServer:
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())["prompt_id"]
+                answer = json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"/prompt refused the graph: {e.read().decode(errors='replace')}") from None
+        if answer.get("node_errors"):  # ComfyUI still runs the outputs that validated: a partial graph
+            raise RuntimeError(f"/prompt: some nodes failed validation: {json.dumps(answer['node_errors'])[:4000]}")
+        return answer["prompt_id"]
 
     def wait_history(self, prompt_id: str, timeout: float = 120) -> dict:
         """Poll ``/history/<id>`` until the prompt is done; return its entry (raises on an execution error)."""
