@@ -163,7 +163,15 @@ class FakeModelPatcher:
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
 
     def sampling_options(self):
-        """What ComfyUI's sampler hands the diffusion model: transformer_options with the wrappers merged in."""
+        """What ComfyUI's sampler hands the diffusion model: transformer_options with ModelPatcher.wrappers merged."""
         to = dict(self.model_options["transformer_options"])
-        to["wrappers"] = self.wrappers
+        merged = {k: dict(v) for k, v in to.get("wrappers", {}).items()}
+        for k, v in self.wrappers.items():
+            for k1, v1 in v.items():
+                merged.setdefault(k, {}).setdefault(k1, []).extend(v1)
+        to["wrappers"] = merged
         return to
+
+    def diffusion_wrappers(self):
+        """Every DIFFUSION_MODEL wrapper the diffusion model would see."""
+        return [w for ws in self.sampling_options()["wrappers"].get("diffusion_model", {}).values() for w in ws]

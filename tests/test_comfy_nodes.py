@@ -31,6 +31,7 @@ CORE_NODES = {
     "LoraLoaderModelOnly": ({"model": "MODEL", "lora_name": "W", "strength_model": "W"}, ["MODEL"]),
     "LoadImage": ({"image": "W", "upload": "UI"}, ["IMAGE", "MASK"]),
     "PreviewImage": ({"images": "IMAGE"}, []),
+    "PreviewAny": ({"source": "*"}, []),
     "CLIPTextEncode": ({"text": "W", "clip": "CLIP"}, ["CONDITIONING"]),
     "FluxGuidance": ({"conditioning": "CONDITIONING", "guidance": "W"}, ["CONDITIONING"]),
     "EmptySD3LatentImage": ({"width": "W", "height": "W", "batch_size": "W"}, ["LATENT"]),
@@ -224,7 +225,7 @@ def test_apply_node_patches_a_clone():
     dit = m.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(dit) == [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
     assert [p.index for _, p in sorted(dit.items())] == [0, 1, 2, 3]  # single blocks continue after the doubles
-    (patch,) = [w for ws in m.wrappers["diffusion_model"].values() for w in ws]
+    (patch,) = m.diffusion_wrappers()
     assert patch.id_weight == 0.7 and len(patch.people) == 2 and math.isinf(patch.sigma_start)
     assert base.model_options == {"transformer_options": {}}
 
@@ -248,8 +249,10 @@ def _node_io(cls_name):
 def test_example_workflow_api_json(n):
     path = WORKFLOWS / f"withanyone_{n}_person{'s' if n > 1 else ''}_api.json"
     graph = json.loads(path.read_text())
-    people = [v for v in graph.values() if v["class_type"] == "WithAnyonePerson"]
+    people = [k for k, v in graph.items() if v["class_type"] == "WithAnyonePerson"]
     assert len(people) == n
+    shown = [v["inputs"]["source"] for v in graph.values() if v["class_type"] == "PreviewAny"]
+    assert sorted(shown) == sorted([p, 2] for p in people)  # every person's report (warnings) shown in the UI
     for nid, node in graph.items():
         inputs, _ = _node_io(node["class_type"])
         for k, v in node["inputs"].items():
@@ -257,7 +260,7 @@ def test_example_workflow_api_json(n):
             if isinstance(v, list):  # a link [source id, output index] of the right type
                 src = graph[v[0]]
                 outs = _node_io(src["class_type"])[1]
-                assert v[1] < len(outs) and outs[v[1]] == inputs[k].rstrip("?"), (path.name, nid, k)
+                assert v[1] < len(outs) and inputs[k].rstrip("?") in (outs[v[1]], "*"), (path.name, nid, k)
             else:
                 assert inputs[k].rstrip("?") == "W", (path.name, nid, k)
         for k, t in inputs.items():  # every required input is given
@@ -299,7 +302,7 @@ def test_example_workflow_ui_json_matches_the_api_one(n):
     for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
         out = nodes[str(src)]["outputs"][src_slot]
         inp = nodes[str(dst)]["inputs"][dst_slot]
-        assert out["type"] == inp["type"] == typ and inp["link"] == link_id and link_id in out["links"]
+        assert out["type"] == typ and inp["type"] in (typ, "*") and inp["link"] == link_id and link_id in out["links"]
         assert api[str(dst)]["inputs"][inp["name"]] == [str(src), src_slot]
     for nid, nd in nodes.items():
         inputs, _ = _node_io(nd["type"])
@@ -331,3 +334,26 @@ def test_preview_draws_each_box():
     assert img.shape == (64, 96, 3)
     assert tuple(img[0, 10]) != (40, 40, 40) and tuple(img[32, 20]) == (40, 40, 40)  # outline drawn, inside not
     Image.fromarray(img)  # a valid RGB image
+
+
+def test_person_siglip_features_are_the_pipelines(tiny_analyzer):
+    from withanyone.pipeline.references import encode_siglip, prepare_reference
+    from withanyone.pipeline.tiny import tiny_siglip
+
+    model, processor = tiny_siglip()
+    photo = _photo(7)
+    person = N.person_from_images([photo], tiny_analyzer, siglip=N.SiglipEncoder(model, processor))
+    with pytest.warns(UserWarning):
+        ref = prepare_reference(photo, tiny_analyzer, need_crop=True)
+    want = encode_siglip([ref.crop], model, processor)[0]
+    assert person.siglip.shape == (256, 32) and torch.equal(person.siglip, want.float())
+
+
+def test_face_analyzer_loader(tiny_analyzer, tmp_path):
+    from tiny_models.insightface_pack import build_tiny_pack
+
+    build_tiny_pack(tmp_path / "pack", num_anchors=1)
+    (fa,) = N.WithAnyoneFaceAnalyzerLoader().load("insightface", str(tmp_path / "pack"), 0.4)
+    assert (fa.backend_name, fa.embedding_dim) == ("insightface", 512)
+    (dl,) = N.WithAnyoneFaceAnalyzerLoader().load("dlib")
+    assert dl.embedding_dim == 128

@@ -71,12 +71,12 @@ def test_weight_zero_is_bit_identical_and_base_model_untouched(models):
     m1 = apply_withanyone(base, ad, people(2), BOXES2, id_weight=1.0)
     assert not torch.equal(comfy_forward(tr, x, t, ctx, pooled, m1.sampling_options()), bare)
     # clone semantics: the input model has no patches and still gives the bare output
-    assert base.model_options == {"transformer_options": {}} and base.wrappers == {}
+    assert base.model_options == {"transformer_options": {}} and base.diffusion_wrappers() == []
     assert torch.equal(comfy_forward(tr, x, t, ctx, pooled, base.sampling_options()), bare)
     # the adapter's weights are shared, not deep-copied, by a later clone
-    patch = next(iter(m1.wrappers["diffusion_model"].values()))[0]
+    (patch,) = m1.diffusion_wrappers()
     again = m1.clone()
-    assert next(iter(again.wrappers["diffusion_model"].values()))[0] is patch
+    assert again.diffusion_wrappers() == [patch] and again.diffusion_wrappers()[0] is patch
     assert again.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].owner is patch
 
 
@@ -90,7 +90,7 @@ def test_outside_boxes_unchanged_and_percent_range(models):
     # one double block only: its residual reaches only the boxed tokens (later blocks mix tokens)
     to = m.sampling_options()
     to["patches_replace"] = {"dit": {("double_block", 0): to["patches_replace"]["dit"][("double_block", 0)]}}
-    patch = next(iter(m.wrappers["diffusion_model"].values()))[0]
+    (patch,) = m.diffusion_wrappers()
     fwd = patch.plan(x, None, 2, txt_len=TXT)
     blk = tr.transformer_blocks[0]
     img = torch.randn(1, 24, 192)
@@ -201,3 +201,51 @@ def test_refusals_name_the_problem(models):
                               siglip_dim=TINY_SIGLIP_DIM)
     with pytest.raises(ValueError, match="2 double \\+ 3 single blocks"):
         apply_withanyone(base, other, people(1), FaceBoxes([(0, 0, 16, 16)], 96, 64))
+
+
+@torch.no_grad()
+def test_two_applies_stack_and_model_management_hooks(models):
+    tr, ad = models
+    x, ctx, pooled, _ = inputs(5)
+    t = torch.tensor([0.5])
+    base = FakeModelPatcher(tr)
+    one = FaceBoxes([(0, 0, 32, 32)], 96, 64)
+    other = FaceBoxes([(64, 32, 96, 64)], 96, 64)
+    p1, p2 = people(2, seed=3)
+    a = apply_withanyone(base, ad, [p1], one, id_weight=1.0)
+    ab = apply_withanyone(a, ad, [p2], other, id_weight=1.0)  # a second Apply on top of the first
+    both = apply_withanyone(base, ad, [p1, p2], FaceBoxes(one.boxes + other.boxes, 96, 64), id_weight=1.0)
+    assert len(ab.diffusion_wrappers()) == 2
+    got = comfy_forward(tr, x, t, ctx, pooled, ab.sampling_options())
+    bare = comfy_forward(tr, x, t, ctx, pooled, {})
+    only_a = comfy_forward(tr, x, t, ctx, pooled, a.sampling_options())
+    assert not torch.equal(got, only_a) and not torch.equal(got, bare)  # the second patch adds, not replaces
+    # disjoint boxes, separate masks: stacking one person twice ≈ one Apply with both (the residuals of a block
+    # are added in sequence rather than together, so equal up to float rounding)
+    torch.testing.assert_close(got, comfy_forward(tr, x, t, ctx, pooled, both.sampling_options()), rtol=0,
+                               atol=1e-4)
+    # ComfyUI's model management: .to(device) drops cached ID tokens; models() is empty without a ModelPatcher
+    (patch,) = a.diffusion_wrappers()
+    patch.plan(x, None)
+    assert patch._states
+    block = a.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 1)]
+    assert block.to(torch.device("cpu")) is block and not patch._states and block.models() == []
+    assert patch.to(torch.float16) is patch  # a dtype from model_patches_to(model_dtype) is ignored
+
+
+@torch.no_grad()
+def test_batch_of_two_latents_cond_and_uncond(models):
+    """ComfyUI batches cond and uncond (cfg > 1) and several latents: the identities apply to every item."""
+    tr, ad = models
+    x, ctx, pooled, _ = inputs(6)
+    x2 = torch.cat([x, torch.randn_like(x)])
+    ctx2, pooled2 = torch.cat([ctx, torch.randn_like(ctx)]), torch.cat([pooled, torch.randn_like(pooled)])
+    t = torch.tensor([0.4, 0.4])
+    ps = people(2, seed=4)
+    m = apply_withanyone(FakeModelPatcher(tr), ad, ps, BOXES2, id_weight=1.0)
+    got = comfy_forward(tr, x2, t, ctx2, pooled2, m.sampling_options())
+    arc = torch.from_numpy(np.stack([p.arcface for p in ps]))[None]
+    want, _ = hooks_forward(tr, ad, x2, t, ctx2, pooled2, arcface=arc, boxes=[BOXES2.boxes], height=64, width=96,
+                            id_weight=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.equal(got, comfy_forward(tr, x2, t, ctx2, pooled2, {}))
