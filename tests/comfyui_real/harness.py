@@ -112,8 +112,8 @@ def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None):
     ext = comfy["patcher_extension"]
     comfy["model_management"].load_models_gpu([patcher])
     opts = dict(patcher.model_options.get("transformer_options", {}))
-    opts["wrappers"] = ext.merge_nested_dicts({}, patcher.wrappers)
-    opts["callbacks"] = ext.merge_nested_dicts({}, patcher.callbacks)
+    opts["wrappers"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("wrappers", {})), patcher.wrappers)
+    opts["callbacks"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("callbacks", {})), patcher.callbacks)
     opts.update(transformer_options or {})
     ctx, extra = cond[0]
     dm = patcher.model.diffusion_model

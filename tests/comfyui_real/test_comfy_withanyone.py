@@ -132,8 +132,10 @@ def test_weight_zero_is_bit_identical_weight_one_stays_in_the_boxes_and_the_base
     assert torch.equal(changed, cover.any(0))
 
     # clone semantics: the base MODEL carries no patch and samples as before
-    assert "patches_replace" not in base.model_options.get("transformer_options", {})
-    assert not any(k.startswith("withanyone") for ws in base.wrappers.values() for k in ws)
+    base_to = base.model_options.get("transformer_options", {})
+    assert "patches_replace" not in base_to
+    for wrappers in (base.wrappers, base_to.get("wrappers", {})):
+        assert not any(k.startswith("withanyone") for ws in wrappers.values() for k in ws)
     assert torch.equal(ksample(comfy, base, steps=3), bare)
     assert torch.equal(ksample(comfy, patched, steps=1), one)  # and the patch is deterministic
 
