@@ -103,14 +103,15 @@ def load_unet(comfy, path, weight_dtype: str = "default"):
     return comfy["nodes"].UNETLoader().load_unet(path.name, weight_dtype)[0]
 
 
-def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None):
+def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None, load: bool = True):
     """The FLUX velocity ComfyUI's diffusion model predicts for latent ``x`` [B,16,H,W] at ``sigma``.
 
     As sampling does (``comfy.sampler_helpers.prepare_model_patcher``): the patcher's wrappers and callbacks go
     into ``transformer_options`` and ``load_models_gpu`` loads it with its patches' models (an adapter's).
     """
     ext = comfy["patcher_extension"]
-    comfy["model_management"].load_models_gpu([patcher])
+    if load:
+        comfy["model_management"].load_models_gpu([patcher])
     opts = dict(patcher.model_options.get("transformer_options", {}))
     opts["wrappers"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("wrappers", {})), patcher.wrappers)
     opts["callbacks"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("callbacks", {})), patcher.callbacks)
