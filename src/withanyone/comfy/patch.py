@@ -15,7 +15,7 @@ through a copy of ``transformer_options``. Outside ``[start, end]`` percent, or 
 nothing and every block runs bare: the output is bit-identical to the unpatched model.
 
 Nothing here imports ComfyUI at module level; :func:`apply_withanyone` works on any object with ComfyUI's
-``ModelPatcher`` methods (``clone``, ``set_model_patch_replace``, ``get_model_object``, ``model_options``).
+``ModelPatcher`` methods (``clone``, ``set_model_patch_replace``, ``add_wrapper_with_key``, ``get_model_object``).
 """
 
 from __future__ import annotations
@@ -331,11 +331,8 @@ def apply_withanyone(model: Any, adapter: Any, people: Sequence[Person], boxes: 
         prev = existing.get(("single_block", i))
         m.set_model_patch_replace(BlockPatch(patch, "single", i, nd + i, prev),
                                   "dit", "single_block", i)
-    # the wrapper goes into model_options' transformer_options (patcher_extension.add_wrapper_with_key(...,
-    # is_model_options=True)): the sampler passes those to the diffusion model, and so does any direct call with
-    # the patcher's transformer_options; ModelPatcher.wrappers would reach the model only through the sampler
-    to = m.model_options.setdefault("transformer_options", {})
-    wrappers = dict(to.get("wrappers", {}))
-    wrappers[DIFFUSION_MODEL_WRAPPER] = {**wrappers.get(DIFFUSION_MODEL_WRAPPER, {}), patch.key: [patch]}
-    to["wrappers"] = wrappers
+    # on ModelPatcher.wrappers, as core's wrapper-based patches do: the sampler merges them into the
+    # transformer_options the diffusion model gets (comfy.sampler_helpers.prepare_model_patcher); a direct
+    # diffusion-model call must merge them itself (patcher_extension.merge_nested_dicts(to["wrappers"], m.wrappers))
+    m.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, patch.key, patch)
     return m
