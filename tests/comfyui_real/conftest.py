@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import torchvision_shim  # noqa: E402,F401  (transformers/diffusers import torchvision too, not only ComfyUI)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

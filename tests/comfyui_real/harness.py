@@ -103,17 +103,18 @@ def load_unet(comfy, path, weight_dtype: str = "default"):
     return comfy["nodes"].UNETLoader().load_unet(path.name, weight_dtype)[0]
 
 
-def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None):
+def comfy_velocity(comfy, patcher, x, sigma, cond, transformer_options=None, load: bool = True):
     """The FLUX velocity ComfyUI's diffusion model predicts for latent ``x`` [B,16,H,W] at ``sigma``.
 
     As sampling does (``comfy.sampler_helpers.prepare_model_patcher``): the patcher's wrappers and callbacks go
     into ``transformer_options`` and ``load_models_gpu`` loads it with its patches' models (an adapter's).
     """
     ext = comfy["patcher_extension"]
-    comfy["model_management"].load_models_gpu([patcher])
+    if load:
+        comfy["model_management"].load_models_gpu([patcher])
     opts = dict(patcher.model_options.get("transformer_options", {}))
-    opts["wrappers"] = ext.merge_nested_dicts({}, patcher.wrappers)
-    opts["callbacks"] = ext.merge_nested_dicts({}, patcher.callbacks)
+    opts["wrappers"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("wrappers", {})), patcher.wrappers)
+    opts["callbacks"] = ext.merge_nested_dicts(ext.copy_nested_dicts(opts.get("callbacks", {})), patcher.callbacks)
     opts.update(transformer_options or {})
     ctx, extra = cond[0]
     dm = patcher.model.diffusion_model
@@ -152,7 +153,8 @@ class ComfyServer:
         self.comfy_dir, self.base = comfy_dir, base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "models/withanyone", "input",
+        for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "models/withanyone", "models/clip_vision",
+                    "models/insightface", "input",
                     "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         for name, target in (custom_nodes or {}).items():
@@ -199,9 +201,12 @@ class ComfyServer:
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())["prompt_id"]
+                answer = json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"/prompt refused the graph: {e.read().decode(errors='replace')}") from None
+        if answer.get("node_errors"):  # ComfyUI still runs the outputs that validated: a partial graph
+            raise RuntimeError(f"/prompt: some nodes failed validation: {json.dumps(answer['node_errors'])[:4000]}")
+        return answer["prompt_id"]
 
     def wait_history(self, prompt_id: str, timeout: float = 120) -> dict:
         """Poll ``/history/<id>`` until the prompt is done; return its entry (raises on an execution error)."""

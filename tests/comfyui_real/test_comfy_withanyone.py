@@ -132,8 +132,10 @@ def test_weight_zero_is_bit_identical_weight_one_stays_in_the_boxes_and_the_base
     assert torch.equal(changed, cover.any(0))
 
     # clone semantics: the base MODEL carries no patch and samples as before
-    assert "patches_replace" not in base.model_options.get("transformer_options", {})
-    assert not any(k.startswith("withanyone") for ws in base.wrappers.values() for k in ws)
+    base_to = base.model_options.get("transformer_options", {})
+    assert "patches_replace" not in base_to
+    for wrappers in (base.wrappers, base_to.get("wrappers", {})):
+        assert not any(k.startswith("withanyone") for ws in wrappers.values() for k in ws)
     assert torch.equal(ksample(comfy, base, steps=3), bare)
     assert torch.equal(ksample(comfy, patched, steps=1), one)  # and the patch is deterministic
 
@@ -233,3 +235,20 @@ def test_lora_changes_the_output_and_the_patch_stacks_on_it(comfy, wa, files, tm
     assert err <= PARITY_TOL
     # the LoRA'd MODEL itself is unchanged by the patched run
     assert torch.equal(comfy_velocity(comfy, lora, x, SIGMA, cond), v_lora)
+
+
+def test_a_partially_loaded_adapter_gives_the_same_velocity(comfy, wa, files):
+    """ComfyUI's low-VRAM path: every adapter layer left to stream (comfy_cast_weights) changes nothing."""
+    flux_path, _, wa_path, nd = files["2x2"]
+    base = load_unet(comfy, flux_path)
+    persons, x, cond = people(), latent(), random_flux_conditioning(5)
+    full = comfy_velocity(comfy, apply(wa, base, load_adapter(comfy, wa, wa_path, nd), persons, 1.0, 0.6), x,
+                          SIGMA, cond)
+    adapter = load_adapter(comfy, wa, wa_path, nd)
+    patched = apply(wa, base, adapter, persons, 1.0, 0.6)
+    comfy["model_management"].load_models_gpu([base])
+    adapter.load(comfy["model_management"].get_torch_device(), lowvram_model_memory=1)  # 1 byte: nothing fits
+    streamed = [m for m in adapter.model.modules() if getattr(m, "comfy_cast_weights", False)]
+    assert len(streamed) > 10, "ComfyUI did not load the adapter partially"
+    low = comfy_velocity(comfy, patched, x, SIGMA, cond, load=False)
+    assert torch.equal(low, full)
