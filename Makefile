@@ -8,6 +8,8 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# the tested versions (constraints.txt); `make install-dev CONSTRAINTS=` installs from pyproject's ranges only
+CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= demo-out
 # e.g. make demo DEMO_ARGS="--samples ~/my-photos" (<person>/<photo>, optional group/ + labels.json)
 DEMO_ARGS ?=
@@ -22,10 +24,10 @@ $(VENV)/.core: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(PY)
+$(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(PY)
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),); fi
-	$(PIP) install -q -e ".[all,dev]"
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[all,dev]"
 	touch $(VENV)/.core $@
 
 install: $(VENV)/.core

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -34,11 +34,9 @@ from withanyone.model.attention import (
     scatter_add_tokens,
     select_covered_tokens,
 )
+from withanyone.model.checkpoint import LoadReport, load_authors_checkpoint, save_state_dict
 from withanyone.model.encoders import ArcFaceTokenEncoder, SiglipTokenEncoder, siglip_branch_tokens
 from withanyone.model.masks import BoxesLike, InvalidBoxError, box_coverage, boxes_to_tensor, token_grid
-
-if TYPE_CHECKING:
-    from withanyone.model.checkpoint import LoadReport
 
 __all__ = ["WithAnyoneAdapter", "IdentityInputError"]
 
@@ -175,8 +173,6 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
         config is inferred from tensor shapes; ``.load_report`` lists missing/unexpected adapter keys and
         the base-model keys that were set aside.
         """
-        from withanyone.model.checkpoint import load_authors_checkpoint
-
         return load_authors_checkpoint(
             cls,
             source,
@@ -202,8 +198,6 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
         With ``base_state_dict`` (BFL keys of the base FLUX model) the file is a BFL single file holding
         base and adapter keys, as the release's full checkpoint.
         """
-        from withanyone.model.checkpoint import save_state_dict
-
         sd = self.to_authors_state_dict()
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}

@@ -14,14 +14,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 
 from withanyone.errors import ModelNotFoundError, WithAnyoneError
 
-if TYPE_CHECKING:
-    from withanyone.model.adapter import WithAnyoneAdapter
+# checkpoint.py sits below adapter.py: it builds whatever adapter class it is given and never imports adapter.py.
+AdapterT = TypeVar("AdapterT", bound=torch.nn.Module)
 
 __all__ = [
     "ADAPTER_MODULES",
@@ -226,7 +226,7 @@ def infer_adapter_config(
 
 
 def load_authors_checkpoint(
-    cls: type[WithAnyoneAdapter],
+    cls: type[AdapterT],
     source: str | Path | dict[str, torch.Tensor],
     *,
     num_double_blocks: int | None = None,
@@ -234,7 +234,7 @@ def load_authors_checkpoint(
     strict: bool = False,
     torch_dtype: torch.dtype | None = None,
     local_files_only: bool = False,
-) -> WithAnyoneAdapter:
+) -> AdapterT:
     """Build ``cls`` from the authors' layout; weights are assigned without a random-init pass."""
     if isinstance(source, dict):
         name, state_dict = "<state dict>", source
