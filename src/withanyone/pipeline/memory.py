@@ -313,7 +313,7 @@ def _is_bfl(keys: Any) -> bool:
 
 def _base_config(base: Any, revision: str | None, local_files_only: bool | None) -> Path:
     """The folder holding the base's ``transformer/config.json`` (local or from the hub cache)."""
-    from .loading import _Source
+    from .sources import _Source
 
     return _Source(base, revision, local_files_only, "FLUX base").file("transformer/config.json").parent.parent
 
@@ -421,7 +421,7 @@ def load_transformer(base: Any, fmt: str = "bf16", *, transformer_file: str | os
         return None
     from diffusers import FluxTransformer2DModel
 
-    from .loading import _dtype_kwarg, _Source
+    from .sources import _dtype_kwarg, _Source
 
     folder = str(_Source(base, revision, local_files_only, "FLUX base").file("transformer/config.json").parent)
     if fmt == "nf4":
