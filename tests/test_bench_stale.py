@@ -9,7 +9,6 @@ dlib's detector unscaled (as the demo's calibration benchmark does).
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
 import subprocess
