@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..model.adapter import IdentityInputError, WithAnyoneAdapter, _IdentityState, _Prepared
-from ..model.attention import gather_tokens, scatter_add_tokens
 from .types import FaceBoxes, Person
 
 __all__ = [
@@ -108,28 +107,7 @@ def block_residual(adapter: WithAnyoneAdapter, index: int, img: torch.Tensor, pr
                    dtype: torch.dtype) -> torch.Tensor:
     """``img + id_weight·CA_arc[index] + siglip_weight·CA_sig[index]`` on the covered tokens — the adapter's own
     residual (``WithAnyoneAdapter._residual``) with the compute dtype given, so fp8-stored adapters work."""
-    plan = prepared.plan
-    branches = []
-    if prepared.arc_tokens is not None and (prepared.id_weight != 0.0 or prepared.dense):
-        branches.append(("arc", prepared.id_weight, prepared.arc_tokens, plan.arc_mask))
-    if prepared.sig_tokens is not None and (prepared.siglip_weight != 0.0 or prepared.dense):
-        branches.append(("sig", prepared.siglip_weight, prepared.sig_tokens, plan.sig_mask))
-    if not branches:
-        return img
-    out = img
-    if prepared.dense:
-        x = img.to(dtype)
-        for branch, weight, tokens, mask in branches:
-            attn = (adapter.ipa_arc if branch == "arc" else adapter.ipa_sig)[index]
-            k, v = adapter._kv(branch, index, tokens, prepared)
-            out = out + (weight * attn.attend(x, k, v, mask)).to(img.dtype)
-        return out
-    x = gather_tokens(img, plan.index).to(dtype)
-    for branch, weight, tokens, mask in branches:
-        attn = (adapter.ipa_arc if branch == "arc" else adapter.ipa_sig)[index]
-        k, v = adapter._kv(branch, index, tokens, prepared)
-        out = scatter_add_tokens(out, plan.index, (weight * attn.attend(x, k, v, mask)).to(img.dtype))
-    return out
+    return adapter._residual(index, img, prepared, dtype=dtype)
 
 
 class WithAnyonePatch:

@@ -506,10 +506,12 @@ class WithAnyoneAdapter(ModelMixin, ConfigMixin):
             k, v = k.expand(prepared.batch, -1, -1, -1), v.expand(prepared.batch, -1, -1, -1)
         return k, v
 
-    def _residual(self, index: int, img: torch.Tensor, prepared: _Prepared) -> torch.Tensor:
-        """``img + id_weight·CA_arc + siglip_weight·CA_sig`` on the covered tokens (or all, when dense)."""
+    def _residual(self, index: int, img: torch.Tensor, prepared: _Prepared,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``img + id_weight·CA_arc + siglip_weight·CA_sig`` on the covered tokens (or all, when dense), computed in
+        ``dtype`` (default the adapter's; ComfyUI's patch passes the compute dtype of fp8-stored adapters)."""
         plan = prepared.plan
-        dtype = self.dtype
+        dtype = self.dtype if dtype is None else dtype
         branches = []
         if prepared.arc_tokens is not None and (prepared.id_weight != 0.0 or prepared.dense):
             branches.append(("arc", prepared.id_weight, prepared.arc_tokens, plan.arc_mask))
