@@ -37,10 +37,18 @@ def main() -> None:
 
     result = train(cfg, parts, on_step=on_step)
     rank = int(os.environ.get("RANK", "0"))
-    sd = parts.adapter.state_dict()
-    local = sum(int(v.to_local().numel()) if hasattr(v, "to_local") else int(v.numel()) for v in sd.values())
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)  # FSDP2: gather the shards (collective)
-             for k, v in parts.adapter.state_dict().items()}
+    params = list(parts.adapter.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: this rank holds a partition of each parameter
+        import deepspeed
+
+        local = sum(int(p.ds_tensor.numel()) for p in params)
+        with deepspeed.zero.GatheredParameters(params):  # collective
+            state = {k: v.detach().clone() for k, v in parts.adapter.state_dict().items()}
+    else:
+        sd = parts.adapter.state_dict()
+        local = sum(int(v.to_local().numel()) if hasattr(v, "to_local") else int(v.numel()) for v in sd.values())
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)  # FSDP2: gather the shards (collective)
+                 for k, v in parts.adapter.state_dict().items()}
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"step": result.step, "history": result.history,
                                                        "skipped": result.skipped,

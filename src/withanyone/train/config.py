@@ -74,6 +74,8 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16" (accelerate's autocast)
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate's environment (DDP across processes); "fsdp2": shard the adapter
+    # ("zero2" / "zero3": DeepSpeed ZeRO through accelerate's plugin, train/zero.py)
+    deepspeed_config: str | None = None  # DeepSpeed JSON (e.g. the release's zero2_config.json) over our stage defaults
     # --- losses
     lambda_id: float = 0.1
     lambda_cl: float = 0.1
@@ -110,7 +112,10 @@ class TrainConfig:
              f"nce_positive must be stored or recomputed, got {self.nce_positive!r}"),
             (self.num_workers >= 0, "num_workers must be ≥ 0"),
             (self.branch in ("arc", "sig", "both"), f"branch must be arc, sig or both, got {self.branch!r}"),
-            (self.sharding in ("none", "fsdp2"), f"sharding must be none or fsdp2, got {self.sharding!r}"),
+            (self.sharding in ("none", "fsdp2", "zero2", "zero3"),
+             f"sharding must be none, fsdp2, zero2 or zero3, got {self.sharding!r}"),
+            (self.deepspeed_config is None or self.sharding in ("zero2", "zero3"),
+             f"deepspeed_config is set but sharding={self.sharding!r} (use zero2 or zero3)"),
             (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1 or none"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.num_negatives >= 0, "num_negatives must be ≥ 0"),

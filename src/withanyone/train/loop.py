@@ -4,7 +4,8 @@ FLUX (transformer, VAE, text encoders) and the ArcFace are frozen; only the adap
 (``arcface_in_arc``, ``ipa_arc.*``) trains. One step: VAE-encode the crop → rectified-flow noising →
 transformer with the adapter's identities → ``L_flow``; for images with t below the ID schedule's cut,
 x̂₀ = x_t − t·v is decoded and the GT-aligned ID loss and InfoNCE are added. Multi-GPU runs go through
-``accelerate launch`` (DDP / FSDP / DeepSpeed configs are accelerate's; untested here).
+``accelerate launch`` / ``torchrun``: DDP, FSDP2 (``sharding="fsdp2"``) or DeepSpeed ZeRO-2/3
+(``sharding="zero2"|"zero3"``, :mod:`withanyone.train.zero`), all tested on CPU processes over gloo.
 """
 
 from __future__ import annotations
@@ -348,8 +349,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
-    """Full (unsharded, CPU) model and optimizer state dicts — a collective under FSDP2, plain otherwise."""
+    """Full (unsharded, CPU) model and optimizer state dicts — a collective under FSDP2 and DeepSpeed, plain
+    otherwise. Both in torch's full-state layout (optimizer state and groups keyed by parameter name)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    from withanyone.train import zero
+
+    if zero.is_engine(model):
+        weights, state, groups = zero.gather_state(model)
+        return weights, {"state": state, "param_groups": groups}
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=opts)
@@ -420,8 +428,19 @@ def load_checkpoint(folder: str | Path, adapter: Any, optimizer: torch.optim.Opt
     if missing or unexpected:
         raise TrainingError(f"{folder}: adapter does not match the checkpoint (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(unexpected)[:3]})")
+    from withanyone.train import zero
+
+    state: dict[str, dict[str, torch.Tensor]] = {}  # optimizer state by parameter name
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            pname, name = k.removeprefix("optimizer.").rsplit(".", 1)
+            state.setdefault(pname, {})[name] = v
+    full = {f"adapter.{k}": v for k, v in weights.items()}
     if model is None:
         adapter.load_state_dict(weights)
+    elif zero.is_engine(model):  # into the engine's partitions and its fp32 masters
+        zero.restore_state(model, full, state if optimizer is not None else {},
+                           meta["param_groups"] if optimizer is not None else None)
     else:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -430,13 +449,8 @@ def load_checkpoint(folder: str | Path, adapter: Any, optimizer: torch.optim.Opt
         )
 
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, {f"adapter.{k}": v for k, v in weights.items()}, options=opts)
+        set_model_state_dict(model, full, options=opts)
         if optimizer is not None:
-            state: dict[str, dict[str, torch.Tensor]] = {}
-            for k, v in tensors.items():
-                if k.startswith("optimizer."):
-                    pname, name = k.removeprefix("optimizer.").rsplit(".", 1)
-                    state.setdefault(pname, {})[name] = v
             groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
             set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=opts)
     if scheduler is not None:
@@ -455,7 +469,15 @@ def _step_generator(seed: int, step: int, slot: int) -> torch.Generator:
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
+    from withanyone.train import zero
+
     kwargs: dict[str, Any] = {}
+    if config.sharding in zero.ZERO_STAGES:
+        # cpu=False even without a GPU: with cpu=True accelerate drops the DeepSpeed plugin (checked here)
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, deepspeed_plugin=zero.make_plugin(config),
+                                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+        zero.check_engine(accelerator, config)
+        return accelerator
     if config.sharding == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -473,9 +495,9 @@ def _accelerate_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def _all_true(flag: bool, accelerator: Any) -> bool:
+def _all_true(flag: bool, accelerator: Any, world: int) -> bool:
     """Whether ``flag`` holds on every rank (one tiny all-reduce): a rank out of data stops all ranks together."""
-    if accelerator.num_processes == 1:
+    if world == 1:
         return flag
     import torch.distributed as dist
 
@@ -484,23 +506,23 @@ def _all_true(flag: bool, accelerator: Any) -> bool:
     return bool(t.item())
 
 
-def _mean_over_ranks(values: dict[str, float], accelerator: Any) -> dict[str, float]:
-    if accelerator.num_processes == 1 or not values:
+def _mean_over_ranks(values: dict[str, float], accelerator: Any, world: int) -> dict[str, float]:
+    if world == 1 or not values:
         return values
     import torch.distributed as dist
 
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     dist.all_reduce(t)
-    return {k: float(v) / accelerator.num_processes for k, v in zip(keys, t.tolist(), strict=True)}
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
-def _gather(obj: Any, accelerator: Any) -> list[Any]:
-    if accelerator.num_processes == 1:
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
         return [obj]
     import torch.distributed as dist
 
-    out: list[Any] = [None] * accelerator.num_processes
+    out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
 
@@ -532,8 +554,11 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
     config.validate()
     out = Path(config.output_dir)
     accelerator = _accelerator(config)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    if accelerator.is_main_process:
+    from withanyone.train.zero import world_and_rank
+
+    device, (world, rank) = accelerator.device, world_and_rank(accelerator)
+    main = rank == 0  # not accelerator.is_main_process: under DeepSpeed on CPU every rank says it is
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", config.to_dict())
 
@@ -596,7 +621,7 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
     # --- data: this rank's shards (webdataset splitters), batches collated in DataLoader workers
     dataset = None
     if batches is None:
-        dataset, stream = _data(config, adapter, accelerator, position)
+        dataset, stream = _data(config, adapter, world, rank, position)
     else:
         stream = iter(batches)
         for _ in range(int(position.get("batches", 0))):
@@ -630,7 +655,7 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
                     rejected += len(batch.keys)
                     pending.append(batch)
                     batch = next(stream, None)
-                if not _all_true(batch is not None, accelerator):
+                if not _all_true(batch is not None, accelerator, world):
                     complete = False
                     break
                 pending.append(batch)
@@ -660,17 +685,17 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
-            last = {**_mean_over_ranks(sums, accelerator), "lr": lr, "step": step}
+            last = {**_mean_over_ranks(sums, accelerator, world), "lr": lr, "step": step}
             history.append(last)
             if on_step is not None:
                 on_step(step, last)
-            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+            if main and (step % config.log_every == 0 or step == config.max_steps):
                 append_jsonl(out / "log.jsonl", {**last, "skipped": skipped_now()})
             if step % config.save_every == 0 or step == config.max_steps:
-                saved = _save(out, step, model, optimizer, scheduler, config, accelerator,
+                saved = _save(out, step, model, optimizer, scheduler, config, accelerator, world, rank,
                               {"batches": consumed, "slots": slots, "next_slot": next_slot}, skipped_now())
         if trained and (saved is None or not str(saved).endswith(f"{step:07d}")):
-            saved = _save(out, step, model, optimizer, scheduler, config, accelerator,
+            saved = _save(out, step, model, optimizer, scheduler, config, accelerator, world, rank,
                           {"batches": consumed, "slots": slots, "next_slot": next_slot}, skipped_now())
     finally:
         adapter.detach()
@@ -678,26 +703,24 @@ def train(config: TrainConfig, components: TrainComponents | None = None,
 
 
 def _save(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig, accelerator: Any,
-          position: dict[str, Any], skipped: dict[str, int]) -> Path:
+          world: int, rank: int, position: dict[str, Any], skipped: dict[str, int]) -> Path:
     """A checkpoint with every rank's data position (gathered) and the skip counts summed over ranks."""
-    ranks = _gather({**position, "step": step}, accelerator)
+    ranks = _gather({**position, "step": step}, world)
     total: Counter[str] = Counter()
-    for counts in _gather(skipped, accelerator):
+    for counts in _gather(skipped, world):
         total.update(counts)
-    extra = {"ranks": ranks, "world_size": accelerator.num_processes, "skipped": dict(total)}
-    path = save_checkpoint(out, step, model, optimizer.optimizer, scheduler, config, extra,
-                           write=accelerator.is_main_process)
+    extra = {"ranks": ranks, "world_size": world, "skipped": dict(total)}
+    path = save_checkpoint(out, step, model, optimizer.optimizer, scheduler, config, extra, write=rank == 0)
     accelerator.wait_for_everyone()
     return path
 
 
-def _data(config: TrainConfig, adapter: Any, accelerator: Any, position: dict[str, Any]):
+def _data(config: TrainConfig, adapter: Any, world: int, rank: int, position: dict[str, Any]):
     """This rank's dataset and batch stream (shards split by rank and DataLoader worker)."""
     from webdataset.utils import pytorch_worker_info
 
     from withanyone.data.reader import _urls
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     urls = _urls(config.train_shards)
     if len(urls) < world:
         raise TrainingError(f"{config.train_shards}: {len(urls)} shard(s) cannot feed {world} processes "
