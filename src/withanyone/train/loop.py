@@ -485,8 +485,10 @@ def _accelerator(config: TrainConfig):
                                                                auto_wrap_policy="NO_WRAP",
                                                                state_dict_type="FULL_STATE_DICT")
     # without a GPU, accelerate only treats a torchrun launch as distributed (MULTI_CPU, gloo) when cpu=True
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps, **kwargs)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps, **kwargs)
+    zero.check_not_engine(accelerator, config)
+    return accelerator
 
 
 def _accelerate_fsdp(accelerator: Any) -> bool:

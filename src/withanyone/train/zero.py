@@ -24,7 +24,8 @@ import torch
 
 from withanyone.train.config import ConfigError, TrainConfig
 
-__all__ = ["ZERO_STAGES", "available", "deepspeed_config", "make_plugin", "check_engine", "world_and_rank",
+__all__ = ["ZERO_STAGES", "available", "deepspeed_config", "make_plugin", "check_engine", "check_not_engine",
+           "world_and_rank",
            "is_engine", "gather_state", "restore_state"]
 
 #: ``sharding`` value → ZeRO stage
@@ -99,9 +100,18 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def make_plugin(config: TrainConfig) -> Any:
-    """accelerate's ``DeepSpeedPlugin`` for :func:`deepspeed_config`; a clear error when deepspeed is missing."""
+    """accelerate's ``DeepSpeedPlugin`` for :func:`deepspeed_config`; a clear error when deepspeed is missing or
+    the process was not started by a distributed launcher."""
+    import os
+
+    import torch.distributed as dist
+
     if not available():
         raise ConfigError(f"sharding={config.sharding!r} needs DeepSpeed: DS_BUILD_OPS=0 pip install 'withanyone[deepspeed]'")
+    if not (dist.is_available() and dist.is_initialized()) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        # otherwise DeepSpeed looks for MPI (mpi4py) and fails far from here
+        raise ConfigError(f"sharding={config.sharding!r} needs a distributed launch, even for one process: "
+                          "torchrun --nproc_per_node=N -m withanyone train ... (or accelerate launch)")
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(config))
@@ -112,9 +122,19 @@ def check_engine(accelerator: Any, config: TrainConfig) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise ConfigError(f"sharding={config.sharding!r}: accelerate set up {accelerator.distributed_type.value}, not "
-                          "DeepSpeed — it drops the DeepSpeed plugin when told to use the CPU (cpu=True, "
+        raise ConfigError(f"sharding={config.sharding!r}: accelerate set up distributed_type "
+                          f"{accelerator.distributed_type.value} instead of DeepSpeed — it drops the DeepSpeed plugin when told to use the CPU (cpu=True, "
                           "ACCELERATE_USE_CPU=1 or `accelerate launch --cpu`); launch without it")
+
+
+def check_not_engine(accelerator: Any, config: TrainConfig) -> None:
+    """Refuse an accelerate launch config that turned DeepSpeed on while ``sharding`` does not ask for it (its
+    "auto" micro-batch size cannot be resolved without a DataLoader, and the stage would be accelerate's)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(f"the accelerate launch config enables DeepSpeed but sharding={config.sharding!r}: set "
+                          "sharding=zero2 or zero3 (and deepspeed_config= for your DeepSpeed JSON) instead")
 
 
 def world_and_rank(accelerator: Any) -> tuple[int, int]:
