@@ -27,7 +27,7 @@ $(VENV)/.core: pyproject.toml | $(PY)
 $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(PY)
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),); fi
-	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[all,dev]"
+	DS_BUILD_OPS=0 $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[all,dev,deepspeed]"
 	touch $(VENV)/.core $@
 
 install: $(VENV)/.core

@@ -141,6 +141,21 @@ def test_zero_checkpoint_is_the_normal_layout(runs, stage):
     assert steps == {2.0}
     order = [f"adapter.{k}" for k, _ in parts.adapter.named_parameters()]  # the optimizer's parameter order
     assert meta["param_groups"][0]["params"] == order and meta["param_groups"][0]["lr"] == 1e-3
+    # the non-DeepSpeed loader takes the AdamW state into a plain optimizer, by name
+    from safetensors.torch import load_file
+
+    from withanyone.train.loop import IdentityDenoiser
+
+    parts = tiny_components(with_pool=False)
+    model = IdentityDenoiser(parts.adapter, parts.pipe.transformer)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    load_checkpoint(folder, parts.adapter, opt, model=model)
+    saved = load_file(str(folder / "trainer_state.safetensors"))
+    assert opt.param_groups[0]["lr"] == 1e-3
+    for name, p in model.named_parameters():
+        assert torch.equal(opt.state[p]["exp_avg_sq"], saved[f"optimizer.{name}.exp_avg_sq"])
+        assert float(opt.state[p]["step"]) == 2.0
+    assert _equal(parts.adapter.state_dict(), r0)
 
 
 @pytest.mark.parametrize("stage", STAGES)
