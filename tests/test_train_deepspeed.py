@@ -149,7 +149,8 @@ def test_zero_checkpoint_is_the_normal_layout(runs, stage):
     parts = tiny_components(with_pool=False)
     model = IdentityDenoiser(parts.adapter, parts.pipe.transformer)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    load_checkpoint(folder, parts.adapter, opt, model=model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # as the loop makes it (adds initial_lr)
+    load_checkpoint(folder, parts.adapter, opt, sched, model=model)
     saved = load_file(str(folder / "trainer_state.safetensors"))
     assert opt.param_groups[0]["lr"] == 1e-3
     for name, p in model.named_parameters():
