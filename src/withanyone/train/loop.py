@@ -713,7 +713,10 @@ def _save(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, conf
         total.update(counts)
     extra = {"ranks": ranks, "world_size": world, "skipped": dict(total)}
     path = save_checkpoint(out, step, model, optimizer.optimizer, scheduler, config, extra, write=rank == 0)
-    accelerator.wait_for_everyone()
+    if world > 1:  # torch's barrier, not accelerate's (which passes device_ids from its own, under DeepSpeed wrong, rank)
+        import torch.distributed as dist
+
+        dist.barrier()
     return path
 
 
