@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install 'withanyone[deepspeed]')")
 pytest.importorskip("kornia")
 pytest.importorskip("webdataset")
+
+if not torch.cuda.is_available() and shutil.which(os.environ.get("CXX") or "c++") is None:
+    pytest.skip("DeepSpeed on CPU JIT-builds its comm op: no C++ compiler (c++ / $CXX)", allow_module_level=True)
 
 from test_train_distributed import _config, _equal, _free_port, _replay, _weights  # noqa: E402
 from test_train_fixtures import tiny_components  # noqa: E402
@@ -207,6 +211,10 @@ def test_cpu_accelerate_dropping_the_plugin_is_refused(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match="instead of DeepSpeed .* drops the DeepSpeed plugin"):
         train(cfg, tiny_components(with_pool=False))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+        with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler .*no-such-c\\+\\+' not found"):
+            train(cfg, tiny_components(with_pool=False))
     assert not (tmp_path / "cpu" / "checkpoints").exists()
     if torch.distributed.is_initialized():  # accelerate's CPU state may have started a 1-process group
         torch.distributed.destroy_process_group()

@@ -112,6 +112,14 @@ def make_plugin(config: TrainConfig) -> Any:
         # otherwise DeepSpeed looks for MPI (mpi4py) and fails far from here
         raise ConfigError(f"sharding={config.sharding!r} needs a distributed launch, even for one process: "
                           "torchrun --nproc_per_node=N -m withanyone train ... (or accelerate launch)")
+    if not torch.cuda.is_available():
+        import shutil
+
+        cxx = os.environ.get("CXX") or "c++"
+        if shutil.which(cxx) is None:  # else DeepSpeed's comm set-up dies in a ninja traceback
+            raise ConfigError(f"sharding={config.sharding!r} on CPU: DeepSpeed builds its shared-memory comm op "
+                              f"(deepspeed_shm_comm) on first use and needs a C++ compiler ({cxx!r} not found; "
+                              "install g++, e.g. apt-get install g++)")
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(config))
