@@ -1,0 +1,271 @@
+"""Failure taxonomy (issue 19 item 4): rules on hand-made similarity vectors, the labels of real-photo
+canvases on every face backend available, and the runner → report → explorer path with its counts.
+
+The canvases hold aligned 256² crops of real photos (``real_faces``: ../shared/data/faces, else the bundled
+samples/faces) in slots; the references are photo 1 of each person, padded as the runner pads them, the slot
+faces other photos of them: a clean pair, the pair swapped, a repeated person, a 50/50 pixel blend of the two
+people's aligned faces, a stranger (somebody with no reference) in a slot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from withanyone.bench.taxonomy import (
+    LABELS,
+    MISSING_DATA,
+    NONE,
+    TaxonomyThresholds,
+    aligned_crop,
+    assign_slots,
+    classify,
+    classify_row,
+    pixel_blend,
+    place_in_slots,
+    slot_boxes_for,
+    slot_data,
+    thresholds_for,
+)
+
+TH = TaxonomyThresholds(drift=0.5, blend_floor=0.45, blend_margin=0.05)
+
+
+# --------------------------------------------------------------------------------------------- the rules
+
+
+def test_rules_on_handmade_vectors():
+    clean = classify([[0.9, 0.1], [0.2, 0.8]], 0, TH)
+    assert (clean.labels, clean.primary, clean.slots) == ([], NONE, ["ok", "ok"])
+    swap = classify([[0.1, 0.9], [0.8, 0.2]], 0, TH)
+    assert (swap.labels, swap.primary, swap.best) == (["swap"], "swap", [1, 0])
+    # a repeated person: reference 0 wins both slots; slot 1 is a swap too, dominance is the primary label
+    dom = classify([[0.9, 0.1], [0.85, 0.3]], 0, TH)
+    assert (dom.labels, dom.primary, dom.slots) == (["dominance", "swap"], "dominance", ["ok", "swap"])
+    blend = classify([[0.6, 0.57], [0.2, 0.8]], 0, TH)
+    assert (blend.labels, blend.slots) == (["blending"], ["blending", "ok"])
+    # within the margin but the second below the floor: no blend; the best below drift: drift
+    drift = classify([[0.44, 0.42], [0.2, 0.8]], 0, TH)
+    assert (drift.labels, drift.slots) == (["drift"], ["drift", "ok"])
+    # a blended slot never counts towards dominance
+    assert classify([[0.58, 0.6], [0.2, 0.8]], 0, TH).labels == ["blending"]
+    missing = classify([[0.9, 0.1], None], 0, TH)
+    assert (missing.labels, missing.slots) == (["missing"], ["ok", "empty"])
+    extra = classify([[0.1, 0.9], [0.8, 0.2]], 1, TH)
+    assert (extra.labels, extra.primary) == (["extra", "swap"], "extra")
+    one = classify([[0.3]], 0, TH)  # one person: only drift / missing / extra can happen
+    assert one.labels == ["drift"]
+    assert LABELS.index("missing") < LABELS.index("dominance") < LABELS.index("swap") < LABELS.index("drift")
+
+
+def test_rows_and_thresholds():
+    row = {"status": "ok", "num_persons": 2, "slot_sims": [[0.1, 0.9], [0.8, 0.2]], "extra_faces": 0}
+    assert classify_row(row, TH).primary == "swap"
+    assert classify_row({"status": "failed", "reason": "no face in output", "num_persons": 3}, TH).slots == ["empty"] * 3
+    assert classify_row({"status": "failed", "reason": "no output for this sample"}, TH) is None
+    assert classify_row({"status": "ok", "slot_sims": None}, TH) is None
+    assert thresholds_for("dlib").calibrated and not thresholds_for("antelopev2").calibrated
+    assert thresholds_for("insightface") is thresholds_for("buffalo_l")
+    with pytest.raises(ValueError, match="no failure-taxonomy thresholds"):
+        thresholds_for("mystery")
+
+
+def test_slot_assignment():
+    slots = [[0, 0, 100, 100], [200, 0, 300, 100]]
+    # most of face 0 lies in slot 1; face 1 in slot 0
+    assert assign_slots([[180, 10, 260, 90], [10, 10, 90, 90]], slots) == [1, 0]
+    # a face overlapping no slot goes to the free slot whose centre is nearest; a face left over is extra
+    assert assign_slots([[10, 10, 90, 90], [400, 0, 480, 80], [20, 20, 80, 80]], slots) == [0, 1]
+    assert assign_slots([], slots) == [None, None]
+    emb = np.eye(3)[:2]
+    d = slot_data(emb, [[10, 10, 90, 90]], slots, np.eye(3)[:2])
+    assert d["slot_faces"] == [0, None] and d["slot_sims"] == [[1.0, 0.0], None] and d["extra_faces"] == 0
+    d = slot_data(np.eye(3), [[10, 10, 90, 90], [210, 0, 290, 90], [500, 0, 560, 60]], slots, np.eye(3)[:2])
+    assert d["extra_faces"] == 1 and d["slot_faces"] == [0, 1]
+    # boxes in another frame (a pose image's), as fractions, or in output pixels
+    assert slot_boxes_for([[0, 0, 50, 50]], {"boxes_size": [100, 200]}, (200, 400), None) == [[0, 0, 100, 100]]
+    assert slot_boxes_for([[0, 0, 0.5, 0.5]], {}, (200, 400), None) == [[0, 0, 100, 200]]
+    assert slot_boxes_for([[0, 0, 50, 50]], {}, (200, 400), None) == [[0, 0, 50, 50]]
+    assert slot_boxes_for(None, {}, (200, 400), [[1, 2, 3, 4]]) == [[1, 2, 3, 4]]
+    assert slot_boxes_for(None, {}, (200, 400), None) is None
+
+
+# ----------------------------------------------------------------------------------- real-photo canvases
+
+
+def _analyzer(backend: str, dlib_analyzer):
+    if backend == "dlib":
+        return dlib_analyzer
+    from withanyone.errors import ModelNotFoundError
+    from withanyone.faces import FaceAnalyzer
+    from withanyone.faces.packs import find_pack
+
+    try:
+        find_pack("antelopev2", hub=False)
+    except ModelNotFoundError:
+        pytest.skip("insightface antelopev2 pack not available offline (its thresholds are uncalibrated)")
+    return FaceAnalyzer("insightface", pack="antelopev2")
+
+
+def _largest(analyzer, image):
+    faces = analyzer.detect(image)
+    assert faces, "no face found"
+    return max(faces, key=lambda f: f.area)
+
+
+class Canvases:
+    """Aligned crops, reference embeddings and the canvases of each case for one analyzer."""
+
+    def __init__(self, analyzer, faces: Path):
+        from withanyone.bench.cache import REF_PAD, pad_to_square
+        from withanyone.faces import load_image
+
+        self.analyzer = analyzer
+        self.faces = faces
+
+        def crop(person: str, k: int) -> np.ndarray:
+            im = load_image(faces / person / f"{k}.jpg")
+            return aligned_crop(im, _largest(analyzer, im).landmarks)
+
+        self.refs = np.stack([_largest(analyzer, pad_to_square(load_image(faces / p / "1.jpg"), REF_PAD)[0]).embedding
+                              for p in ("obama", "biden")])
+        a, a3, b, s = crop("obama", 2), crop("obama", 3), crop("biden", 2), crop("kit_harington", 2)
+        self.crops = {"obama": a, "obama3": a3, "biden": b, "stranger": s}
+        self.cases = {"clean": [a, b], "swap": [b, a], "dominance": [a, a3], "blend": [pixel_blend(a, b), b],
+                      "stranger": [s, b], "missing": [a, None]}
+
+    def classify(self, case: str):
+        canvas, slots = place_in_slots(self.cases[case])
+        faces = self.analyzer.detect(canvas)
+        emb = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, self.refs.shape[1]))
+        d = slot_data(emb, [f.bbox.tolist() for f in faces], slots, self.refs)
+        return classify(d["slot_sims"], d["extra_faces"], thresholds_for(self.analyzer.backend_name)), d
+
+
+@pytest.fixture(scope="module", params=["dlib", "insightface"])
+def canvases(request, dlib_analyzer, real_faces):
+    return Canvases(_analyzer(request.param, dlib_analyzer), real_faces)
+
+
+@pytest.mark.parametrize("case,labels", [("clean", []), ("swap", ["swap"]), ("dominance", ["dominance", "swap"]),
+                                         ("blend", ["blending"]), ("stranger", ["drift"]),
+                                         ("missing", ["missing"])])
+def test_real_photo_cases(canvases, case, labels):
+    tax, d = canvases.classify(case)
+    assert tax.labels == labels, (case, tax, d["slot_sims"])
+    assert tax.primary == (labels[0] if labels else NONE)
+    if case == "blend":  # the blended slot resembles both people, within the margin
+        s = d["slot_sims"][0]
+        assert abs(s[0] - s[1]) < thresholds_for(canvases.analyzer.backend_name).blend_margin
+
+
+# ------------------------------------------------------------------------------- runner, report, explorer
+
+
+def _write_case(folder: Path, canvases: Canvases, case: str) -> Path:
+    canvas, _ = place_in_slots(canvases.cases[case])
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(folder / f"{case}.png")
+    return folder / f"{case}.png"
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, dlib_analyzer, real_faces):
+    """A two-sample benchmark (GT = the clean canvas, bboxes = its slots) and five methods, scored and reported."""
+    from withanyone.bench.readers import read_folder_layout, read_method_outputs
+    from withanyone.bench.report import write_reports
+    from withanyone.bench.runner import run_benchmark
+
+    cv = Canvases(dlib_analyzer, real_faces)
+    root = tmp_path_factory.mktemp("taxonomy")
+    _, slots = place_in_slots(cv.cases["clean"])
+    bench_dir = root / "bench"
+    for sid in ("s1", "s2"):
+        d = bench_dir / sid
+        d.mkdir(parents=True)
+        Image.fromarray(place_in_slots(cv.cases["clean"])[0]).save(d / "ori.png")
+        for k, p in enumerate(("obama", "biden"), 1):
+            (d / f"ref_{k}.jpg").write_bytes((real_faces / p / "1.jpg").read_bytes())
+        (d / "meta.json").write_text(json.dumps({"prompt": "obama and biden", "num_persons": 2, "bboxes": slots}))
+    bench, _ = read_folder_layout(bench_dir, gt_name="ori.png", output_name=None)
+    # per method, the case of each sample
+    plan = {"oracle": ("clean", "clean"), "swapper": ("swap", "clean"), "cloner": ("dominance", "dominance"),
+            "blender": ("blend", "swap"), "dropper": ("missing", "stranger")}
+    methods = []
+    for m, cases in plan.items():
+        for sid, case in zip(("s1", "s2"), cases, strict=True):
+            p = _write_case(root / "cases", cv, case)
+            (root / "methods" / m).mkdir(parents=True, exist_ok=True)
+            (root / "methods" / m / f"{sid}.png").write_bytes(p.read_bytes())
+        methods.append(read_method_outputs(root / "methods" / m, m, sample_ids=["s1", "s2"]))
+    out = root / "results"
+    stats = run_benchmark(bench, methods, out, face_models=["dlib"], progress=False)
+    summary = write_reports(out)
+    return {"bench": bench, "methods": methods, "out": out, "stats": stats, "summary": summary, "plan": plan}
+
+
+def test_report_rates_table_and_plot(scored):
+    s, out = scored["summary"], scored["out"]
+    tax = s["taxonomy"]["methods"]["dlib"]
+    expected = {  # labels per case, as the real-photo cases give them
+        "clean": set(), "swap": {"swap"}, "dominance": {"dominance", "swap"}, "blend": {"blending"},
+        "missing": {"missing"}, "stranger": {"drift"}}
+    for m, cases in scored["plan"].items():
+        e = tax[m]
+        assert e["n"] == 2 and e["unclassified"] == 0
+        for lab in LABELS:
+            assert e["rates"][lab] == sum(lab in expected[c] for c in cases) / 2, (m, lab, e)
+        assert e["failed"] == sum(bool(expected[c]) for c in cases) / 2
+    assert s["taxonomy"]["thresholds"]["dlib"]["calibrated"] is True
+    by = s["taxonomy"]["by_people"]["dlib"]
+    (src,) = by
+    assert by[src]["cloner"]["2"] == {**{lab: 0 for lab in (*LABELS, NONE)}, "dominance": 2, "n": 2}
+    assert by[src]["dropper"]["2"]["missing"] == 1 and by[src]["dropper"]["2"]["drift"] == 1
+    md = (out / "report.md").read_text()
+    assert "## Failure taxonomy (multi-person samples)" in md
+    assert "| swapper | 2 | 50 % | 0 % | 0 % | 0 % | 50 % | 0 % | 0 % | 0 |" in md
+    assert "| cloner | 2 | 100 % | 0 % | 0 % | 100 % | 100 % | 0 % | 0 % | 0 |" in md
+    assert "![failures by people count, dlib](failures_dlib.png)" in md
+    png = Image.open(out / "failures_dlib.png")
+    assert png.size[0] > 400 and png.size[1] > 300
+    # the plot is drawn: its pixels hold the dominance and swap colours (stacked bars)
+    px = np.asarray(png.convert("RGB")).reshape(-1, 3)
+    for colour in ((214, 39, 40), (255, 127, 14), (148, 103, 189), (140, 86, 75)):
+        assert (np.abs(px.astype(int) - colour).sum(1) < 12).sum() > 50, colour
+    html = (out / "report.html").read_text()
+    assert "<table class='taxonomy' data-face-model='dlib'>" in html
+    assert html.count("alt='failures by people count, dlib'") == 1
+
+
+def test_explorer_column_and_filter(scored):
+    html = (scored["out"] / "report.html").read_text()
+    assert "id='explorer_filter'" in html and "filterExplorer" in html
+    assert "<option value='dominance'>dominance (2)</option>" in html
+    assert "<option value='swap'>swap (4)</option>" in html  # swapper s1, cloner s1 + s2, blender s2
+    assert html.count("data-labels='dominance swap'") == 2
+    assert html.count("data-labels='none'") == 3  # oracle s1, s2; swapper s2
+
+
+def test_old_rows_rescored_once(scored, tmp_path):
+    """Rows without the taxonomy fields (an older version's) are rescored once, then reused."""
+    import shutil
+
+    from withanyone.bench.runner import RESULTS, load_results, run_benchmark
+
+    out = tmp_path / "results"
+    shutil.copytree(scored["out"], out)
+    rows = load_results(out)
+    old = [{k: v for k, v in r.items() if k not in ("slot_sims", "slot_faces", "slot_boxes", "extra_faces")}
+           for r in rows]
+    (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    stats = run_benchmark(scored["bench"], scored["methods"], out, face_models=["dlib"], progress=False)
+    assert stats.rows_rescored == 10 and stats.rescore_reasons == {MISSING_DATA: 10}
+    assert stats.calls["dlib"]["detect"] == 0  # faces from the cache
+    new = {(r["sample"], r["method"]): r["slot_sims"] for r in load_results(out)}
+    assert new == {(r["sample"], r["method"]): r["slot_sims"] for r in rows}
+    again = run_benchmark(scored["bench"], scored["methods"], out, face_models=["dlib"], progress=False)
+    assert again.rows_rescored == 0 and again.rows_skipped == 10
