@@ -127,12 +127,18 @@ class Canvases:
         self.analyzer = analyzer
         self.faces = faces
 
+        def load(person: str, k: int) -> np.ndarray:  # ≤ 512 px (as samples/faces): quicker to detect on
+            im = Image.fromarray(load_image(faces / person / f"{k}.jpg"))
+            im.thumbnail((512, 512), Image.LANCZOS)
+            return np.asarray(im)
+
         def crop(person: str, k: int) -> np.ndarray:
-            im = load_image(faces / person / f"{k}.jpg")
+            im = load(person, k)
             return aligned_crop(im, _largest(analyzer, im).landmarks)
 
-        self.refs = np.stack([_largest(analyzer, pad_to_square(load_image(faces / p / "1.jpg"), REF_PAD)[0]).embedding
+        self.refs = np.stack([_largest(analyzer, pad_to_square(load(p, 1), REF_PAD)[0]).embedding
                               for p in ("obama", "biden")])
+        self.ref_images = {p: load(p, 1) for p in ("obama", "biden")}
         a, a3, b, s = crop("obama", 2), crop("obama", 3), crop("biden", 2), crop("kit_harington", 2)
         self.crops = {"obama": a, "obama3": a3, "biden": b, "stranger": s}
         self.cases = {"clean": [a, b], "swap": [b, a], "dominance": [a, a3], "blend": [pixel_blend(a, b), b],
@@ -146,9 +152,18 @@ class Canvases:
         return classify(d["slot_sims"], d["extra_faces"], thresholds_for(self.analyzer.backend_name)), d
 
 
+_CANVASES: dict[str, Canvases] = {}
+
+
+def _canvases(backend: str, dlib_analyzer, faces: Path) -> Canvases:
+    if backend not in _CANVASES:
+        _CANVASES[backend] = Canvases(_analyzer(backend, dlib_analyzer), faces)
+    return _CANVASES[backend]
+
+
 @pytest.fixture(scope="module", params=["dlib", "insightface"])
 def canvases(request, dlib_analyzer, real_faces):
-    return Canvases(_analyzer(request.param, dlib_analyzer), real_faces)
+    return _canvases(request.param, dlib_analyzer, real_faces)
 
 
 @pytest.mark.parametrize("case,labels", [("clean", []), ("swap", ["swap"]), ("dominance", ["dominance", "swap"]),
@@ -180,7 +195,7 @@ def scored(tmp_path_factory, dlib_analyzer, real_faces):
     from withanyone.bench.report import write_reports
     from withanyone.bench.runner import run_benchmark
 
-    cv = Canvases(dlib_analyzer, real_faces)
+    cv = _canvases("dlib", dlib_analyzer, real_faces)
     root = tmp_path_factory.mktemp("taxonomy")
     _, slots = place_in_slots(cv.cases["clean"])
     bench_dir = root / "bench"
@@ -189,9 +204,10 @@ def scored(tmp_path_factory, dlib_analyzer, real_faces):
         d.mkdir(parents=True)
         Image.fromarray(place_in_slots(cv.cases["clean"])[0]).save(d / "ori.png")
         for k, p in enumerate(("obama", "biden"), 1):
-            (d / f"ref_{k}.jpg").write_bytes((real_faces / p / "1.jpg").read_bytes())
+            Image.fromarray(cv.ref_images[p]).save(d / f"ref_{k}.png")
         (d / "meta.json").write_text(json.dumps({"prompt": "obama and biden", "num_persons": 2, "bboxes": slots}))
-    bench, _ = read_folder_layout(bench_dir, gt_name="ori.png", output_name=None)
+    bench, _ = read_folder_layout(bench_dir, gt_name="ori.png", ref_names=("ref_1.png", "ref_2.png"),
+                                  output_name=None)
     # per method, the case of each sample
     plan = {"oracle": ("clean", "clean"), "swapper": ("swap", "clean"), "cloner": ("dominance", "dominance"),
             "blender": ("blend", "swap"), "dropper": ("missing", "stranger")}
