@@ -285,3 +285,18 @@ def test_old_rows_rescored_once(scored, tmp_path):
     assert new == {(r["sample"], r["method"]): r["slot_sims"] for r in rows}
     again = run_benchmark(scored["bench"], scored["methods"], out, face_models=["dlib"], progress=False)
     assert again.rows_rescored == 0 and again.rows_skipped == 10
+
+
+def test_app_explorer_failure_filter(scored):
+    from withanyone.app.bench_explorer import BenchResults
+
+    res = BenchResults(scored["out"])
+    ids = lambda items: [sid for _, sid in items]  # noqa: E731
+    assert ids(res.sample_list("dlib", failure="dominance")) == ["s1", "s2"]  # cloner, both samples
+    assert ids(res.sample_list("dlib", failure="missing")) == ["s1"]  # dropper s1
+    assert ids(res.sample_list("dlib", method="swapper", failure="swap")) == ["s1"]
+    assert ids(res.sample_list("dlib", method="swapper", failure="none")) == ["s2"]
+    assert ids(res.sample_list("dlib", method="oracle", failure="blending")) == []
+    assert ids(res.sample_list("dlib", failure="any")) == ["s1", "s2"]
+    row = next(r for r in res.rows if r["method"] == "blender" and r["sample"] == "s1")
+    assert res.failure(row).labels == ["blending"]

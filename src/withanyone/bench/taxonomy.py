@@ -353,7 +353,7 @@ def failure_plot(summary: dict[str, Any], face_model: str) -> bytes | None:
 
     srcs = list(tax)
     width_in = sum(1.5 + len({k for m in per.values() for k in m}) * max(1.2, 0.5 * len(per)) for per in tax.values())
-    fig, axes = plt.subplots(1, len(srcs), figsize=(max(5.0, width_in), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(srcs), figsize=(max(5.0, width_in), 4.8), squeeze=False)
     for ax, src in zip(axes[0], srcs, strict=True):
         per = tax[src]
         methods = [m for m in per if per[m]]
@@ -371,16 +371,22 @@ def failure_plot(summary: dict[str, Any], face_model: str) -> bytes | None:
                         ax.bar(pos, share, width * 0.92, bottom=bottom, color=COLOURS[lab],
                                edgecolor="white", linewidth=0.5)
                         bottom += share
-                ax.text(pos, 1.01, f"{m}\nn={d['n']}" if len(methods) > 1 else f"n={d['n']}", ha="center",
-                        va="bottom", fontsize=6.5)
-        ax.set_xticks(range(len(counts)), [f"{c} {'person' if c == 1 else 'people'}" for c in counts])
+                ax.text(pos, 1.01, f"n={d['n']}", ha="center", va="bottom", fontsize=6.5)
+        groups = [f"{c} {'person' if c == 1 else 'people'}" for c in counts]
+        if len(methods) > 1:  # method names under the bars, the people count under each group
+            ticks = [x - 0.4 + width * (j + 0.5) for x in range(len(counts)) for j in range(len(methods))]
+            ax.set_xticks(ticks, [m for _ in counts for m in methods], rotation=35, ha="right", fontsize=7)
+            for x, g in enumerate(groups):
+                ax.text(x, -0.3, g, ha="center", va="top", fontsize=9, transform=ax.get_xaxis_transform())
+        else:
+            ax.set_xticks(range(len(counts)), groups)
         ax.set_ylim(0, 1.18)
         ax.set_ylabel("share of samples (primary label)")
         ax.set_title(f"failures by people count · {src} · {face_model}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[lab]) for lab in (*LABELS, NONE)]
-    fig.legend(handles, [*LABELS, "no failure"], loc="lower center", ncol=7, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, [*LABELS, "no failure"], loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
