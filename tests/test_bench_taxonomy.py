@@ -74,6 +74,29 @@ def test_rows_and_thresholds():
         thresholds_for("mystery")
 
 
+def test_summary_counts_and_one_person_only():
+    from withanyone.bench.taxonomy import taxonomy_html, taxonomy_md, taxonomy_summary
+
+    def row(sample, n, sims, **kw):
+        return {"sample": sample, "method": "m", "face_model": "dlib", "num_persons": n, "status": "ok",
+                "slot_sims": sims, "extra_faces": 0, **kw}
+
+    rows = [row("a", 2, [[0.8, 0.95], [0.95, 0.8]]), row("b", 2, [[0.95, 0.8], [0.8, 0.95]]),
+            row("c", 1, [[0.7]]), row("d", 2, None),
+            {"sample": "e", "method": "m", "face_model": "dlib", "num_persons": 3, "status": "failed",
+             "reason": "no face in output"}]
+    tax = taxonomy_summary(rows, [{"name": "dlib", "backend": "dlib"}], ["m"], "bench")
+    e = tax["methods"]["dlib"]["m"]
+    assert (e["n"], e["unclassified"], e["failed"]) == (3, 1, 2 / 3)
+    assert e["rates"]["swap"] == 1 / 3 and e["rates"]["missing"] == 1 / 3 and e["rates"]["drift"] == 0
+    by = tax["by_people"]["dlib"]["bench"]["m"]
+    assert (by["1"]["drift"], by["2"]["swap"], by["2"]["none"], by["3"]["missing"]) == (1, 1, 1, 1)
+    assert by["2"]["n"] == 2 and "0" not in by  # the unclassified row is in no bar
+    one = taxonomy_summary(rows[2:3], [{"name": "dlib", "backend": "dlib"}], ["m"], "bench")
+    assert "No multi-person samples." in "\n".join(taxonomy_md({"taxonomy": one}))
+    assert "<table" not in taxonomy_html({"taxonomy": one})
+
+
 def test_slot_assignment():
     slots = [[0, 0, 100, 100], [200, 0, 300, 100]]
     # most of face 0 lies in slot 1; face 1 in slot 0
@@ -300,3 +323,31 @@ def test_app_explorer_failure_filter(scored):
     assert ids(res.sample_list("dlib", failure="any")) == ["s1", "s2"]
     row = next(r for r in res.rows if r["method"] == "blender" and r["sample"] == "s1")
     assert res.failure(row).labels == ["blending"]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_explorer_filter_in_headless_chromium(scored):
+    """The failure select hides the rows without the label (the report's inline script, in a real browser)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium not installed (Debian package 'chromium')")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((scored["out"] / "report.html").as_uri())
+            rows = page.locator("#explorer > tbody > tr")
+            visible = {}
+            for label in ("dominance", "swap", "missing", "none", "all"):
+                page.select_option("#explorer_filter", label)
+                visible[label] = sum(rows.nth(i).is_visible() for i in range(rows.count()))
+            assert visible == {"dominance": 2, "swap": 4, "missing": 1, "none": 3, "all": 10}
+            assert errors == []
+        finally:
+            browser.close()

@@ -413,9 +413,13 @@ def taxonomy_md(summary: dict[str, Any], plot_files: dict[str, str] | None = Non
              "*primary* is the first label in the order missing, extra, dominance, swap, blending, drift "
              "(docs/bench.md, \"Failure taxonomy\").", ""]
     for fm, per in tax["methods"].items():
-        lines += [f"- thresholds {_threshold_note(fm, tax['thresholds'][fm])}", "",
-                  f"| method ({fm}) | n | any failure | " + " | ".join(LABELS) + " | unclassified |",
-                  "|---|---|---|" + "---|" * len(LABELS) + "---|"]
+        lines += [f"- thresholds {_threshold_note(fm, tax['thresholds'][fm])}", ""]
+        if not any(e["n"] or e["unclassified"] for e in per.values()):
+            lines += ["No multi-person samples.", ""]
+            per = {}
+        else:
+            lines += [f"| method ({fm}) | n | any failure | " + " | ".join(LABELS) + " | unclassified |",
+                      "|---|---|---|" + "---|" * len(LABELS) + "---|"]
         for m, e in per.items():
             lines.append(f"| {m} | {e['n']} | {_pct(e['failed'])} | "
                          + " | ".join(_pct(e["rates"][lab]) for lab in LABELS) + f" | {e['unclassified']} |")
@@ -439,14 +443,18 @@ def taxonomy_html(summary: dict[str, Any], plots: dict[str, bytes] | None = None
              "extra, dominance, swap, blending, drift.</p>"]
     for fm, per in tax["methods"].items():
         parts.append(f"<p class='note'>Thresholds {e(_threshold_note(fm, tax['thresholds'][fm]))}</p>")
-        parts.append(f"<table class='taxonomy' data-face-model='{e(fm, quote=True)}'><thead><tr><th>method</th>"
-                     "<th>n</th><th>any failure</th>" + "".join(f"<th>{lab}</th>" for lab in LABELS)
-                     + "<th>unclassified</th></tr></thead><tbody>")
-        for m, ent in per.items():
-            cells = "".join(f"<td class='num' data-label='{lab}'>{_pct(ent['rates'][lab])}</td>" for lab in LABELS)
-            parts.append(f"<tr><td>{e(m)}</td><td class='num'>{ent['n']}</td><td class='num'>{_pct(ent['failed'])}"
-                         f"</td>{cells}<td class='num'>{ent['unclassified']}</td></tr>")
-        parts.append("</tbody></table>")
+        if not any(v["n"] or v["unclassified"] for v in per.values()):
+            parts.append("<p class='note'>No multi-person samples.</p>")
+        else:
+            parts.append(f"<table class='taxonomy' data-face-model='{e(fm, quote=True)}'><thead><tr><th>method</th>"
+                         "<th>n</th><th>any failure</th>" + "".join(f"<th>{lab}</th>" for lab in LABELS)
+                         + "<th>unclassified</th></tr></thead><tbody>")
+            for m, ent in per.items():
+                cells = "".join(f"<td class='num' data-label='{lab}'>{_pct(ent['rates'][lab])}</td>"
+                                for lab in LABELS)
+                parts.append(f"<tr><td>{e(m)}</td><td class='num'>{ent['n']}</td><td class='num'>"
+                             f"{_pct(ent['failed'])}</td>{cells}<td class='num'>{ent['unclassified']}</td></tr>")
+            parts.append("</tbody></table>")
         png = (plots or {}).get(fm)
         if png:
             parts.append(f"<img class='plot' alt='failures by people count, {e(fm, quote=True)}' "
