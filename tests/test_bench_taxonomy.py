@@ -95,6 +95,10 @@ def test_summary_counts_and_one_person_only():
     one = taxonomy_summary(rows[2:3], [{"name": "dlib", "backend": "dlib"}], ["m"], "bench")
     assert "No multi-person samples." in "\n".join(taxonomy_md({"taxonomy": one}))
     assert "<table" not in taxonomy_html({"taxonomy": one})
+    from withanyone.bench.taxonomy import taxonomy_lines
+
+    assert taxonomy_lines({"taxonomy": tax}) == [
+        "failure taxonomy (dlib, multi-person samples, primary labels): m: missing 1, swap 1 (n=3)"]
 
 
 def test_slot_assignment():
@@ -351,3 +355,25 @@ def test_explorer_filter_in_headless_chromium(scored):
             assert errors == []
         finally:
             browser.close()
+
+
+def test_sample_without_gt_uses_its_own_boxes(scored, tmp_path):
+    """A MultiHuman-Testbench-like sample: no GT, boxes in another frame (``meta["boxes_size"]``), a source tag."""
+    from withanyone.bench.report import summarize
+    from withanyone.bench.runner import load_results, run_benchmark
+    from withanyone.bench.samples import Benchmark, MethodOutputs, Sample
+
+    s1 = scored["bench"].by_id()["s1"]
+    canvas = Image.open(scored["methods"][1].outputs["s1"])  # swapper's s1: the pair swapped
+    _, slots = place_in_slots([None, None])
+    half = [[v / 2 for v in b] for b in slots]  # the boxes in a frame half the output's size
+    sample = Sample("mh1", "two people", s1.references, gt=None, boxes=half, num_persons=2,
+                    meta={"boxes_size": [canvas.width / 2, canvas.height / 2], "source": "multihuman-testbench"})
+    out = tmp_path / "results"
+    run_benchmark(Benchmark("mh", [sample]), [MethodOutputs("swapper", {"mh1": scored["methods"][1].outputs["s1"]})],
+                  out, face_models=["dlib"], progress=False)
+    (row,) = load_results(out)
+    assert row["slot_boxes"] == [[round(v, 6) for v in b] for b in slots] and row["source"] == "multihuman-testbench"
+    assert classify_row(row, thresholds_for("dlib")).labels == ["swap"]
+    tax = summarize(out)["taxonomy"]
+    assert tax["by_people"]["dlib"]["multihuman-testbench"]["swapper"]["2"]["swap"] == 1

@@ -470,3 +470,18 @@ def failure_plots(summary: dict[str, Any]) -> dict[str, bytes]:
         if png is not None:
             out[fm] = png
     return out
+
+
+def taxonomy_lines(summary: dict[str, Any]) -> list[str]:
+    """One console line per face model: each method's primary labels over its multi-person samples."""
+    out = []
+    for fm, per in ((summary.get("taxonomy") or {}).get("methods") or {}).items():
+        parts = []
+        for m, e in per.items():
+            if not e["n"]:
+                continue
+            counts = ", ".join(f"{lab} {n}" for lab, n in e["primary"].items() if n and lab != NONE)
+            parts.append(f"{m}: {counts or 'no failure'} (n={e['n']})")
+        if parts:
+            out.append(f"failure taxonomy ({fm}, multi-person samples, primary labels): " + " · ".join(parts))
+    return out
