@@ -377,7 +377,7 @@ def failure_plot(summary: dict[str, Any], face_model: str) -> bytes | None:
             ticks = [x - 0.4 + width * (j + 0.5) for x in range(len(counts)) for j in range(len(methods))]
             ax.set_xticks(ticks, [m for _ in counts for m in methods], rotation=35, ha="right", fontsize=7)
             for x, g in enumerate(groups):
-                ax.text(x, -0.3, g, ha="center", va="top", fontsize=9, transform=ax.get_xaxis_transform())
+                ax.text(x, -0.24, g, ha="center", va="top", fontsize=9, transform=ax.get_xaxis_transform())
         else:
             ax.set_xticks(range(len(counts)), groups)
         ax.set_ylim(0, 1.18)
@@ -386,7 +386,7 @@ def failure_plot(summary: dict[str, Any], face_model: str) -> bytes | None:
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[lab]) for lab in (*LABELS, NONE)]
     fig.legend(handles, [*LABELS, "no failure"], loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.11, 1, 1))
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
