@@ -291,6 +291,8 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         "cp": None, "cp_faces": [], "cp_gate_pass": None, "count_mismatch": False,
         "cp_normalisation": cp_normalisation, "count_acc": None, "identity_confusion": None, "confusion_faces": [],
     }
+    if sample.meta.get("source"):  # the benchmark a sample comes from (the taxonomy plot's panels)
+        row["source"] = str(sample.meta["source"])
     if sample.meta.get("_meta_error"):
         row["issues"].append(str(sample.meta["_meta_error"]))
     if out.error or not out.faces:
@@ -343,8 +345,6 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         if slots is not None and len(slots) == len(ref_emb):  # failure taxonomy: per-slot similarity vectors
             row.update(slot_data(out.embeddings, out.boxes, slots, np.stack(ref_emb)))
     row.setdefault("slot_sims", None)
-    if sample.meta.get("source"):  # the benchmark a sample comes from (the taxonomy plot's panels)
-        row["source"] = str(sample.meta["source"])
     row.update(sim_gt=s.sim_gt, sim_ref=s.sim_ref, sim_gt_unmatched=s.sim_gt_unmatched,
                sim_ref_unmatched=s.sim_ref_unmatched, cp_faces=s.cp_faces,
                gt_pairs=s.gt_pairs, ref_pairs=s.ref_pairs)
