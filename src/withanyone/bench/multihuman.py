@@ -80,15 +80,14 @@ class Entry:
     attributes: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def split(self) -> str:
+    def split(self, num_simple: int = NUM_SIMPLE) -> str:
         """``simple`` (the first 1,500 entries) or ``complex``."""
-        return split_of(self.index)
+        return split_of(self.index, num_simple)
 
 
-def split_of(index: int) -> str:
+def split_of(index: int, num_simple: int = NUM_SIMPLE) -> str:
     """The split of entry ``index`` as ``compute_scores.py`` counts it: simple below 1,500, else complex."""
-    return "simple" if int(index) < NUM_SIMPLE else "complex"
+    return "simple" if int(index) < num_simple else "complex"
 
 
 def _is_str_list(v: Any) -> bool:
@@ -342,14 +341,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | None = None,
                        limit: int | None = None, keypoints: str | Path | None = None,
-                       metadata: str | Path | None = None, progress: bool = True) -> tuple[Benchmark, ConvertReport]:
+                       metadata: str | Path | None = None, progress: bool = True,
+                       num_simple: int = NUM_SIMPLE) -> tuple[Benchmark, ConvertReport]:
     """Write a MultiHuman-Testbench checkout as our sample layout; resumable, missing faces listed.
 
     ``repo``: the checkout (``data/multihuman_metadata.json``, ``data/poses/`` or ``data/poses.zip``,
     optionally ``data/poses_metadata_final.json``); ``faces``: the folder ``download_faces.py`` filled
     (default ``<repo>/data/faces``), looked up by file name. Each entry becomes ``<out>/<index>/`` with
     ``ref_k.jpg`` (hard link or copy), ``pose.png`` and ``meta.json`` (written last); an existing sample
-    whose inputs did not change is kept.
+    whose inputs did not change is kept. ``num_simple``: how many leading entries are the simple prompts
+    (1,500 in the published benchmark; smaller only for test benches).
     """
     from ..progress import track
 
@@ -380,7 +381,7 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
         present = [r.is_file() for r in refs]
         pose_bytes = poses.read(e.pose_image) if e.pose_image else None
         fingerprint = hashlib.sha256(json.dumps(
-            [e.people, e.prompt, e.pose_image, present, hashlib.sha256(pose_bytes or b"").hexdigest(),
+            [e.people, e.prompt, e.pose_image, present, e.split(num_simple), hashlib.sha256(pose_bytes or b"").hexdigest(),
              kps.get(pose_key(e.pose_image)) if e.pose_image else None], sort_keys=True, default=str
         ).encode()).hexdigest()[:16]
         report.missing_faces += [(e.index, e.people[k]) for k, ok in enumerate(present) if not ok]
@@ -421,7 +422,7 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
             note = f"no keypoints for pose {e.pose_image}"
         if note and boxes is None:
             report.no_prior.append((e.index, note))
-        meta = {"prompt": e.prompt, "source": SOURCE, "index": e.index, "split": e.split,
+        meta = {"prompt": e.prompt, "source": SOURCE, "index": e.index, "split": e.split(num_simple),
                 "num_persons": len(e.people), "subset": subset_for(len(e.people)), "people": e.people,
                 "missing_references": [e.people[k] for k, ok in enumerate(present) if not ok],
                 "identifier": e.identifier, "vlm_questions": e.vlm_questions, "attributes": e.attributes,
@@ -432,7 +433,7 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
         report.written += 1
     atomic_write_json(out / MARKER, {
         "source": SOURCE, "repo": str(repo.resolve()), "faces": str(faces_dir.resolve()),
-        "samples": [e.index for e in entries], "num_simple": NUM_SIMPLE,
+        "samples": [e.index for e in entries], "num_simple": num_simple,
         "missing_faces": [{"index": i, "face": f} for i, f in report.missing_faces],
         "missing_poses": [{"index": i, "pose": p} for i, p in report.missing_poses], "notes": report.notes})
     return read_multihuman(out), report
