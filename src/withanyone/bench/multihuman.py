@@ -375,7 +375,7 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
     if poses.problem:
         report.notes.append(poses.problem)
     out.mkdir(parents=True, exist_ok=True)
-    for e in track(entries, description="convert", enabled=progress):
+    for e in track(entries, total=len(entries), description="convert", enabled=progress):
         folder = out / str(e.index)
         refs = [faces_dir / Path(p).name for p in e.people]
         present = [r.is_file() for r in refs]
@@ -546,7 +546,8 @@ def hungarian_id(sim: np.ndarray, num_people: int, matching: str = "release") ->
 # -------------------------------------------------------------------------------------------------- rows
 
 
-def score_multihuman(sample: Sample, out: Any, refs: Sequence[Any], model: Any = None) -> dict[str, Any]:
+def score_multihuman(sample: Sample, out: Any, refs: Sequence[Any], row: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """The MultiHuman-Testbench fields of one runner row (``out``/``refs``: the cached faces of the output
     and of each reference, one detection per image).
 
@@ -558,17 +559,18 @@ def score_multihuman(sample: Sample, out: Any, refs: Sequence[Any], model: Any =
     ``--layout prior`` asked for; for outputs made without those boxes it only says how far they follow the pose.
     """
     n = int(sample.num_persons)
-    row: dict[str, Any] = {"source": SOURCE, "mhtb_index": sample.meta.get("index"),
-                           "mhtb_split": sample.meta.get("split") or split_of(int(sample.meta.get("index", 0))),
-                           "mhtb_count_acc": None, "mhtb_id": None, "mhtb_id_optimal": None, "mhtb_all_ids": None,
-                           "mhtb_note": None}
+    issues = [i for i in (row or {}).get("issues", []) if i != "no GT image"]  # the benchmark has none
+    row = {"issues": issues, "source": SOURCE, "mhtb_index": sample.meta.get("index"),
+           "mhtb_split": sample.meta.get("split") or split_of(int(sample.meta.get("index", 0))),
+           "mhtb_count_acc": None, "mhtb_id": None, "mhtb_id_optimal": None, "mhtb_all_ids": None, "mhtb_note": None}
     if getattr(out, "error", None):
         return row
     faces = list(out.faces or [])
     row["mhtb_count_acc"] = int(len(faces) == n)
     ref_ok = [r for r in refs if not r.error and r.faces]
     if len(ref_ok) < n or len(refs) < n:
-        row["mhtb_note"] = f"{n - len(ref_ok)} of {n} references without a face: no ID similarity"
+        row["mhtb_note"] = f"{n - len(ref_ok)} of {n} references without a face: no Hungarian ID similarity"
+        issues.append(row["mhtb_note"])
         return row
     if not faces:
         row.update(mhtb_id=0.0, mhtb_id_optimal=0.0, mhtb_all_ids=[0.0] * n)

@@ -447,7 +447,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         if sample.meta.get("source") == "multihuman-testbench":  # its count / Hungarian ID, same detections
             from .multihuman import score_multihuman
 
-            row.update(score_multihuman(sample, out, refs))
+            row.update(score_multihuman(sample, out, refs, row))
         if image_metrics and path is not None and not out.error:
             memo = image_memo.get((sample.id, method.name))
             if memo is None:
