@@ -30,6 +30,7 @@ from withanyone.bench.multihuman import (
     action_scores,
     convert_multihuman,
     head_boxes,
+    head_boxes_from_image,
     hungarian_id,
     read_metadata,
     release_assignment,
@@ -401,6 +402,17 @@ def test_pose_keypoints_to_head_boxes_land_on_heads(mini, dlib_analyzer, tmp_pat
         sx, sy = req.width / w, req.height / h
         assert box_iou([b], [[f.bbox[0] * sx, f.bbox[1] * sy, f.bbox[2] * sx, f.bbox[3] * sy]])[0, 0] > 0.45
     assert make_requests([s], long_side=512, layout="auto")[0].boxes is None
+    # without keypoints: the face landmarks drawn (white) in the pose image give the boxes
+    full = _pose_from_faces(faces, w, h, with_landmarks=[True, True, True])
+    from_image = head_boxes_from_image(_draw_pose(full, w, h))
+    assert len(from_image) == 3 and len(head_boxes_from_image(_draw_pose(pose, w, h))) == 1
+    for b, k in zip(from_image, head_boxes(full, w, h), strict=True):
+        assert box_iou([b], [k])[0, 0] > 0.8
+    (repo / "data" / "poses_metadata_final.json").unlink()
+    with zipfile.ZipFile(repo / "data" / "poses.zip", "w") as z:
+        z.writestr("poses/7.png", _draw_pose(full, w, h))
+    bench, rep = convert_multihuman(repo, tmp_path / "bench2", progress=False)
+    assert bench.samples[0].boxes == from_image and "no pose keypoints" in rep.notes[0]
 
 
 def test_missing_faces_listed_and_malformed_metadata_named(mini, tmp_path):
