@@ -453,3 +453,39 @@ def test_action_and_hps_not_computed_without_local_models(tmp_path):
     assert "not found" in HPSScorer(tmp_path / "HPS_v2.1_compressed.pt").reason
     assert not ActionScorer("").available and "Gemini" in ActionScorer("").reason
     assert "cannot import" in ActionScorer("no_such_module_x:f").reason
+
+
+def test_insightface_backend_same_arithmetic(mini, tmp_path, monkeypatch):
+    """The other face backend (insightface-format ONNX; a tiny pack whose "faces" are key-coloured squares):
+    its own rows, and the same compute_scores.py arithmetic on its embeddings."""
+    pytest.importorskip("onnxruntime")
+    from tiny_models.insightface_pack import build_tiny_pack, paint_key
+
+    from withanyone.bench.runner import FaceModelSpec
+    from withanyone.faces import FaceAnalyzer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pack = build_tiny_pack(tmp_path / "pack" / "antelopev2", extras=False)
+    repo = tmp_path / "repo"
+    (repo / "data" / "faces").mkdir(parents=True)
+    people = ["obama", "biden", "scarlett"]
+    for k, p in enumerate(people):  # each face crop gets a key square of its own size: distinct embeddings
+        img = np.asarray(Image.open(mini["repo"] / "data" / "faces" / _face_name(p)).convert("RGB"))
+        Image.fromarray(paint_key(img, 16, 16, 16 + 64 + 32 * k, 16 + 64 + 16 * k)).save(
+            repo / "data" / "faces" / _face_name(p), quality=95)
+    entries = [["obama"], ["biden", "scarlett", "obama"]]
+    (repo / "data" / "multihuman_metadata.json").write_text(json.dumps([_entry(i, e) for i, e in enumerate(entries)]))
+    bench, _ = convert_multihuman(repo, tmp_path / "bench", progress=False, num_simple=1)
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    for s in bench:
+        Image.fromarray(side_by_side(list(s.references[:2]), pad=REF_PAD)).save(outs / f"{s.id}.png")
+    spec = FaceModelSpec("insightface", {"pack": str(pack.folder)}, label="arc-tiny")
+    run_benchmark(bench, [read_method_outputs(outs, "paste2")], tmp_path / "run", face_models=[spec], progress=False)
+    got = write_reports(tmp_path / "run", gallery=False)["multihuman"]["table"]["arc-tiny"]["paste2"]
+    ref = compute_scores_reference([list(s.references) for s in bench], {int(s.id): outs / f"{s.id}.png" for s in bench},
+                                   FaceAnalyzer("insightface", pack=str(pack.folder)), 1)
+    for split in ("simple", "complex", "all"):
+        assert got["splits"][split]["count_acc"] == pytest.approx(ref[split][0], abs=1e-12)
+        assert got["splits"][split]["id_sim"] == pytest.approx(ref[split][1], abs=1e-6)
+    assert got["splits"]["complex"]["id_sim"] > 0  # faces were found and matched
