@@ -199,12 +199,19 @@ def release_hungarian(cost: np.ndarray) -> dict[int, int]:
     return {r: c for r, c in reversed(chosen)}
 
 
-def compute_scores_reference(entries, outputs: dict[int, Path | None], analyzer, num_simple: int) -> dict:
+def compute_scores_reference(entries, outputs: dict[int, Path | None], analyzer, num_simple: int,
+                             cache_dir: Path | None = None) -> dict:
     """compute_scores.py's loop and its accumulators, on embeddings of ``analyzer`` (references padded to
-    their square first, as our runner detects them)."""
+    their square first, as our runner detects them). With ``cache_dir`` (a run's ``cache/``) the faces the
+    run detected are read back instead of detected again: what is checked here is the arithmetic."""
+    from withanyone.bench.cache import EmbeddingCache
+
+    cache = EmbeddingCache(analyzer, cache_dir) if cache_dir is not None else None
     memo: dict[tuple[bytes, bool], list[np.ndarray]] = {}
 
     def embed(path: Path, pad: bool) -> list[np.ndarray]:
+        if cache is not None:
+            return [np.asarray(f["embedding"], np.float64) for f in cache.faces(path, pad=REF_PAD if pad else None).faces]
         key = (path.read_bytes(), pad)
         if key not in memo:
             img = load_image(path)
@@ -306,7 +313,7 @@ def test_paste_oracle_scores_as_compute_scores(mini, dlib_analyzer):
     entries = [[r for r in s.references] for s in mini["bench"]]
     for method, folder in (("paste", mini["paste"]), ("drop", mini["drop"]), ("gappy", mini["gappy"])):
         outs = {int(s.id): (folder / f"{s.id}.png") for s in mini["bench"]}
-        ref = compute_scores_reference(entries, outs, dlib_analyzer, NUM_SIMPLE)
+        ref = compute_scores_reference(entries, outs, dlib_analyzer, NUM_SIMPLE, mini["out"] / "cache")
         got = mh[method]
         for split in ("simple", "complex", "all"):
             assert got["splits"][split]["count_acc"] == pytest.approx(ref[split][0], abs=1e-12), (method, split)

@@ -408,9 +408,10 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
         folder = out / str(e.index)
         refs = [faces_dir / Path(p).name for p in e.people]
         present = [r.is_file() for r in refs]
+        stamps = [(r.stat().st_size, r.stat().st_mtime_ns) if ok else None for r, ok in zip(refs, present, strict=True)]
         pose_bytes = poses.read(e.pose_image) if e.pose_image else None
         fingerprint = hashlib.sha256(json.dumps(
-            [e.people, e.prompt, e.pose_image, present, e.split(num_simple), hashlib.sha256(pose_bytes or b"").hexdigest(),
+            [e.people, e.prompt, e.pose_image, stamps, e.split(num_simple), hashlib.sha256(pose_bytes or b"").hexdigest(),
              kps.get(pose_key(e.pose_image)) if e.pose_image else None], sort_keys=True, default=str
         ).encode()).hexdigest()[:16]
         report.missing_faces += [(e.index, e.people[k]) for k, ok in enumerate(present) if not ok]
@@ -433,6 +434,8 @@ def convert_multihuman(repo: str | Path, out: str | Path, faces: str | Path | No
                 _link_or_copy(r, dst)
             else:
                 dst.unlink(missing_ok=True)
+        for name in REF_NAMES[len(refs):]:  # an entry that lost people since an earlier conversion
+            (folder / name).unlink(missing_ok=True)
         pose_size = None
         boxes, note = None, None
         if pose_bytes is not None:
@@ -480,6 +483,14 @@ def read_multihuman(root: str | Path, output_name: str | None = None, method: st
     root = Path(root)
     bench, own = read_folder_layout(root, output_name=output_name, ref_names=REF_NAMES, method=method,
                                     name=SOURCE)
+    try:  # the entries of the last conversion (an earlier one with a larger --limit may have left more)
+        chosen = {str(i) for i in json.loads((root / MARKER).read_text(encoding="utf-8")).get("samples", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        chosen = set()
+    if chosen:
+        bench.samples = [s for s in bench.samples if s.id in chosen]
+        if own is not None:
+            own.outputs = {k: v for k, v in own.outputs.items() if k in chosen}
     bench.samples.sort(key=lambda s: (int(s.meta.get("index", 0)) if str(s.meta.get("index", "")).isdigit()
                                       else math.inf, s.id))
     return (bench, own) if output_name else bench
