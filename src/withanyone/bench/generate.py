@@ -34,6 +34,8 @@ from .samples import Benchmark, Sample
 
 log = logging.getLogger(__name__)
 
+#: ``--layout``: the benchmark's boxes (GT faces; MultiHuman-Testbench's pose heads) or our automatic layout.
+LAYOUTS = ("prior", "auto")
 #: Per-sample generation log (one line per finished sample, from whichever worker made it).
 LOG = "generate.log.jsonl"
 #: Subset names accepted by ``--subset`` (``p34`` is the release's name for three or four people).
@@ -127,6 +129,14 @@ def _image_size(path: Path | None) -> tuple[int, int] | None:
         return None
 
 
+def _prior_size(sample: Sample) -> tuple[int, int] | None:
+    """The size a sample's boxes refer to when it has no GT: MultiHuman-Testbench's pose image (``pose_size``)."""
+    size = sample.meta.get("pose_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
 def select_samples(bench: Benchmark, subset: str | None = None, limit: int | None = None) -> list[Sample]:
     """The benchmark's samples of ``subset`` (p1, p2, p3 or p34; simple or complex for MultiHuman-Testbench),
     the first ``limit`` of them."""
@@ -150,13 +160,11 @@ def make_requests(samples: Sequence[Sample], *, long_side: int = 1024, height: i
     ``layout``: ``prior`` gives the benchmark's boxes (MultiID-Bench: the GT's faces; MultiHuman-Testbench:
     the pose image's heads, whose size then sets the aspect ratio); ``auto`` gives none (the pipeline's
     automatic layout — MultiHuman-Testbench's "in the wild" task)."""
-    from .multihuman import LAYOUTS, prior_size
-
     if layout not in LAYOUTS:
         raise GenerationError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     reqs = []
     for s in samples:
-        gt_size = _image_size(s.gt) or prior_size(s)
+        gt_size = _image_size(s.gt) or _prior_size(s)
         size = (width, height) if width and height else output_size(gt_size, long_side)
         reqs.append(GenerationSample(
             id=s.id, prompt=s.prompt, references=[str(p) for p in s.references],

@@ -57,7 +57,6 @@ REF_NAMES = tuple(f"ref_{k}.jpg" for k in range(1, MAX_PEOPLE + 1))
 NOSE, NECK, R_EYE, L_EYE, R_EAR, L_EAR = 0, 1, 14, 15, 16, 17
 #: DWPose marks an absent normalised face landmark by coordinates ≤ this (``dwpose_utils.eps``).
 LANDMARK_EPS = 0.01
-LAYOUTS = ("prior", "auto")
 
 
 class MultiHumanFormatError(BenchmarkFormatError):
