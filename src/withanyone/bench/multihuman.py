@@ -609,7 +609,8 @@ def score_multihuman(sample: Sample, out: Any, refs: Sequence[Any], row: dict[st
     row["mhtb_count_acc"] = int(len(faces) == n)
     ref_ok = [r for r in refs if not r.error and r.faces]
     if len(ref_ok) < n or len(refs) < n:
-        row["mhtb_note"] = f"{n - len(ref_ok)} of {n} references without a face: no Hungarian ID similarity"
+        row["mhtb_note"] = (f"Hungarian ID not computed: {n - len(ref_ok)} of {n} references missing or "
+                            "with no face (count accuracy kept)")
         issues.append(row["mhtb_note"])
         return row
     if not faces:
