@@ -302,6 +302,10 @@ def test_convert_published_layout(mini):
     assert (s.references[0].parent / "pose.png").is_file() and s.meta["pose_size"] == [1024, 1024]
     assert len(s.boxes) == 3 and [b[0] for b in s.boxes] == sorted(b[0] for b in s.boxes)
     assert report.missing_faces == [] and report.written == 5
+    from withanyone.bench.generate import select_samples
+
+    assert [x.id for x in select_samples(bench, "complex")] == ["3", "4"]
+    assert [x.id for x in select_samples(bench, "simple", limit=2)] == ["0", "1"]
     again, rep2 = convert_multihuman(mini["repo"], mini["root"] / "bench", progress=False, num_simple=NUM_SIMPLE)
     assert rep2.kept == 5 and rep2.written == 0 and [x.id for x in again] == [x.id for x in bench]
 
