@@ -137,14 +137,15 @@ def slot_data(out_emb: np.ndarray, out_boxes: Sequence[Sequence[float]], slot_bo
 def slot_boxes_for(sample_boxes: Sequence[Sequence[float]] | None, meta: dict[str, Any], out_size: tuple[int, int],
                    people: Sequence[Sequence[float]] | None) -> list[list[float]] | None:
     """Slot boxes in output pixels: ``people`` (the runner's person boxes) when given; else the sample's own
-    boxes — in the frame ``meta["boxes_size"] = [w, h]`` when given, as fractions of the output when every
-    value is ≤ 1, else already in output pixels. None without boxes."""
+    boxes — in the frame ``meta["boxes_size"]`` or ``meta["pose_size"]`` (MultiHuman-Testbench: the pose
+    image's size) ``= [w, h]`` when given, as fractions of the output when every value is ≤ 1, else already
+    in output pixels. None without boxes."""
     if people is not None:
         return [[float(v) for v in b] for b in people]
     if not sample_boxes or not all(isinstance(b, (list, tuple)) and len(b) == 4 for b in sample_boxes):
         return None
     w, h = out_size
-    frame = meta.get("boxes_size")
+    frame = meta.get("boxes_size") or meta.get("pose_size")
     if isinstance(frame, (list, tuple)) and len(frame) == 2 and min(float(frame[0]), float(frame[1])) > 0:
         sx, sy = w / float(frame[0]), h / float(frame[1])
     elif max(float(v) for b in sample_boxes for v in b) <= 1.0:
