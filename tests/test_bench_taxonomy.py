@@ -377,3 +377,57 @@ def test_sample_without_gt_uses_its_own_boxes(scored, tmp_path):
     assert classify_row(row, thresholds_for("dlib")).labels == ["swap"]
     tax = summarize(out)["taxonomy"]
     assert tax["by_people"]["dlib"]["multihuman-testbench"]["swapper"]["2"]["swap"] == 1
+
+
+@pytest.mark.slow
+def test_multihuman_testbench_samples_are_classified(tmp_path, dlib_analyzer, real_faces):
+    """MultiHuman-Testbench in the published layout (the mhtb tests' builder), converted: its slots are the
+    pose image's head boxes (1024², rescaled to a 768 × 576 output). Each person's face pasted on its own
+    head → no failure; the first two exchanged → swap; one panel of the plot per benchmark source."""
+    from test_bench_multihuman import NUM_SIMPLE, build_repo
+
+    from withanyone.bench.multihuman import SOURCE, convert_multihuman
+    from withanyone.bench.readers import read_method_outputs
+    from withanyone.bench.report import write_reports
+    from withanyone.bench.runner import load_results, run_benchmark
+    from withanyone.faces import load_image
+
+    repo = build_repo(tmp_path, real_faces, dlib_analyzer)
+    bench, _ = convert_multihuman(repo, tmp_path / "bench", progress=False, num_simple=NUM_SIMPLE)
+    w, h, side = 768, 576, 160
+    crops = {}
+    for method, order in (("on-pose", None), ("swapped", (1, 0))):
+        folder = tmp_path / method
+        folder.mkdir()
+        for s in bench:
+            faces = []
+            for r in s.references:
+                if r not in crops:
+                    im = load_image(r)
+                    crops[r] = aligned_crop(im, _largest(dlib_analyzer, im).landmarks, size=side)
+                faces.append(crops[r])
+            if order and len(faces) > 1:
+                faces[0], faces[1] = faces[1], faces[0]
+            canvas = np.zeros((h, w, 3), np.uint8)
+            fx, fy = w / s.meta["pose_size"][0], h / s.meta["pose_size"][1]
+            for crop, b in zip(faces, s.boxes, strict=True):
+                cx, cy = (b[0] + b[2]) / 2 * fx, (b[1] + b[3]) / 2 * fy
+                x, y = int(cx - side / 2), int(min(max(cy - side / 2, 0), h - side))
+                canvas[y:y + side, x:x + side] = crop
+            Image.fromarray(canvas).save(folder / f"{s.id}.png")
+    methods = [read_method_outputs(tmp_path / m, m, sample_ids=[s.id for s in bench]) for m in ("on-pose", "swapped")]
+    out = tmp_path / "results"
+    run_benchmark(bench, methods, out, face_models=["dlib"], progress=False)
+    th = thresholds_for("dlib")
+    for r in load_results(out):
+        assert r["source"] == SOURCE and r["slot_sims"] is not None, r
+        labels = classify_row(r, th).labels
+        want = ["swap"] if r["method"] == "swapped" and r["num_persons"] > 1 else []
+        assert labels == want, (r["sample"], r["method"], r["slot_sims"])
+    summary = write_reports(out)
+    tax = summary["taxonomy"]
+    assert tax["methods"]["dlib"]["swapped"]["rates"]["swap"] == 1.0
+    assert tax["methods"]["dlib"]["on-pose"]["failed"] == 0.0
+    assert list(tax["by_people"]["dlib"]) == [SOURCE]
+    assert sorted(tax["by_people"]["dlib"][SOURCE]["swapped"]) == ["1", "2", "3"]
+    assert (out / "failures_dlib.png").is_file()
