@@ -68,6 +68,7 @@ def test_rows_and_thresholds():
     assert classify_row({"status": "failed", "reason": "no face in output", "num_persons": 3}, TH).slots == ["empty"] * 3
     assert classify_row({"status": "failed", "reason": "no output for this sample"}, TH) is None
     assert classify_row({"status": "ok", "slot_sims": None}, TH) is None
+    assert classify_row({"status": "ok", "slot_sims": [["x", None], 3]}, TH) is None  # malformed: unclassified
     assert thresholds_for("dlib").calibrated and not thresholds_for("antelopev2").calibrated
     assert thresholds_for("insightface") is thresholds_for("buffalo_l")
     with pytest.raises(ValueError, match="no failure-taxonomy thresholds"):

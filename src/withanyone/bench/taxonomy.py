@@ -222,7 +222,10 @@ def classify_row(row: dict[str, Any], th: TaxonomyThresholds) -> Taxonomy | None
     sims = row.get("slot_sims")
     if not isinstance(sims, list) or not sims:
         return None
-    return classify(sims, int(row.get("extra_faces") or 0), th)
+    try:
+        return classify(sims, int(row.get("extra_faces") or 0), th)
+    except (TypeError, ValueError, IndexError):  # a hand-edited or torn row: unclassified, never a crash
+        return None
 
 
 def rates(rows: Sequence[dict[str, Any]], th: TaxonomyThresholds, min_people: int = 2) -> dict[str, Any]:
