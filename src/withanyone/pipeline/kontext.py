@@ -93,7 +93,8 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
             if not (path.is_dir() and (path / "config.json").is_file() and adapter_file is None):
                 adapter = load_kontext_adapter(
                     adapter, variant, adapter_file, torch_dtype=kwargs.get("torch_dtype") or torch.bfloat16,
-                    local_files_only=bool(kwargs.get("local_files_only")), revision=kwargs.get("revision"))
+                    local_files_only=bool(kwargs.get("local_files_only")), revision=kwargs.get("revision"),
+                    num_double_blocks=_double_blocks(base, kwargs))
         if siglip == "default":
             siglip = loading.DEFAULT_SIGLIP if variant == "K" else None
         pipe = loading.from_pretrained(cls, base, adapter, siglip,
@@ -186,6 +187,23 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
 for _name in _SHARED:
     setattr(WithAnyoneKontextPipeline, _name, WithAnyonePipeline.__dict__[_name])
 del _name
+
+
+def _double_blocks(base: Any, kwargs: dict[str, Any]) -> int | None:
+    """The base transformer's double-block count (where the release's flat adapter block list splits), read from
+    a ``transformer=`` override or the base's ``transformer/config.json``; None (→ FLUX's 19 + 38) if unknown."""
+    given = kwargs.get("transformer")
+    if given is not None:
+        return len(given.transformer_blocks)
+    import json
+
+    from .sources import _Source
+
+    try:
+        src = _Source(base, kwargs.get("revision"), kwargs.get("local_files_only"), "FLUX.1 Kontext base")
+        return int(json.loads(src.file("transformer/config.json").read_text())["num_layers"])
+    except Exception:  # the base's own check (after the adapter) reports a missing base precisely
+        return None
 
 
 def _fields(result: WithAnyonePipelineOutput) -> dict[str, Any]:
