@@ -354,8 +354,9 @@ def prepare_edit(photo: Any, references: Sequence[Any] | int, analyzer: Any = No
         except ValueError as exc:
             raise EditError(str(exc).splitlines()[0]) from exc
         id_boxes = [[int(v) for v in b] for b in boxes]
-    else:
-        id_boxes = [face_boxes[i] for i in replaced]
+    else:  # clipped to the canvas, as the release's mask clamps its patch indices
+        id_boxes = [[max(0, b[0]), max(0, b[1]), min(tf.out_w, b[2]), min(tf.out_h, b[3])]
+                    for b in (face_boxes[i] for i in replaced)]
 
     if keep_unreplaced:
         blurred = list(replaced)

@@ -30,7 +30,7 @@ from diffusers import FluxKontextPipeline
 from .edit import RELEASE_BLUR_RADIUS, RELEASE_SIZE, EditPlan, prepare_edit
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WithAnyonePipeline, WithAnyonePipelineOutput, init_identity_state
 
-__all__ = ["WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput", "EDIT_SIGLIP_REFUSAL"]
+__all__ = ["EDIT_DET_THRESH", "EDIT_SIGLIP_REFUSAL", "WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput"]
 
 #: Why SigLIP is refused in edit mode.
 EDIT_SIGLIP_REFUSAL = (
@@ -38,9 +38,13 @@ EDIT_SIGLIP_REFUSAL = (
     "withanyone_kontext_e) runs ArcFace-only (gradio_edit.py passes arc_only=True, 'only arcface supported now'); "
     "use siglip_weight=0")
 
+#: Detection threshold of the release's edit demo: its FaceExtractor calls insightface's ``prepare(ctx_id=0)``,
+#: whose default is 0.5 (the FLUX pipeline's references use util.py's 0.4).
+EDIT_DET_THRESH = 0.5
+
 # Methods shared with WithAnyonePipeline verbatim (they touch only the identity state set by init_identity_state).
 _SHARED = ("set_identity_adapter", "set_siglip", "set_face_analyzer", "siglip_loaded", "load_siglip",
-           "face_analyzer", "set_matting", "matting_loaded", "load_matting", "check_identity_inputs",
+           "set_matting", "matting_loaded", "load_matting", "check_identity_inputs",
            "prepare_identities", "face_analyzer_spec", "_is_offloading")
 
 
@@ -101,6 +105,20 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
                                        loading.DEFAULT_FACE_PACK if face_pack == "default" else face_pack, **kwargs)
         pipe.kontext_variant = variant
         return pipe
+
+    def face_analyzer(self) -> Any:
+        """The face analyzer for the base photo and the references: insightface ``antelopev2`` detecting at the
+        release's edit threshold (:data:`EDIT_DET_THRESH`, ``gradio_edit.py``'s ``prepare(ctx_id=0)``) unless
+        ``set_face_analyzer`` gave another; created on first use."""
+        if self._face_analyzer is None:
+            src = self._face_source if self._face_source is not None else "antelopev2"
+            if callable(src) and not isinstance(src, str):
+                self._face_analyzer = src()
+            else:
+                from ..faces import FaceAnalyzer
+
+                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=EDIT_DET_THRESH)
+        return self._face_analyzer
 
     def _base_call(self, **call: Any) -> Any:
         """FluxKontextPipeline's ``__call__`` (the shared identity body's base call)."""
