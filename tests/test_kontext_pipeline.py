@@ -44,6 +44,27 @@ def test_edit_runs_end_to_end_on_group_photos(kpipe, shared_faces, name, canvas)
     assert [tuple(float(v) for v in b) for b in plan.boxes] == list(out.boxes)
     assert out.references[0].endswith("biden/1.jpg") and out.seed == 0
     assert np.isfinite(np.asarray(out.images[0], dtype=np.float32)).all()
+    if name == "3.jpg":  # the generate sidecar takes the edit's plan as an extra key (base photo hash, boxes used)
+        import json
+
+        from withanyone.pipeline.edit import photo_sha256
+        from withanyone.pipeline.sidecar import build_sidecar
+
+        side = build_sidecar(kpipe, out, prompt="a photo", references=refs[:1], box_mode="faces", layout=None,
+                             id_weight=1.0, siglip_weight=0.0, height=h, width=w, steps=STEPS, guidance=4.0, lora=[],
+                             lora_scale=1.0, dtype="float32", device="cpu", offload=False, output="x.png",
+                             edit=plan.to_dict())
+        back = json.loads(json.dumps(side, default=str))
+        assert back["edit"]["photo_sha256"] == photo_sha256(photo) and back["edit"]["boxes"] == plan.boxes
+        assert back["boxes"] == [list(b) for b in out.boxes]
+
+
+def test_kontext_resolutions_are_diffusers():
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from withanyone.pipeline.edit import KONTEXT_RESOLUTIONS
+
+    assert list(KONTEXT_RESOLUTIONS) == list(PREFERRED_KONTEXT_RESOLUTIONS)
 
 
 def test_one_face_photo_works(kpipe, shared_faces):
@@ -57,19 +78,26 @@ def test_unsquarable_photo_is_one_line_error(kpipe, shared_faces):
     assert "no square crop holds them all" in str(err.value) and "\n" not in str(err.value)
 
 
-def _block0_outputs(pipe, **call):
-    """The first double block's image-stream output (after the adapter's residual) at the first step."""
+def _block0_outputs(pipe, inputs=None, **call):
+    """The first double block's image-stream output (after the adapter's residual) at the first step; the
+    transformer's first-step inputs go into ``inputs`` when given."""
     seen = []
 
     def hook(module, args, kwargs, output):
         if not seen:
             seen.append(output[1].detach().clone())
 
-    handle = pipe.transformer.transformer_blocks[0].register_forward_hook(hook, with_kwargs=True)
+    def pre(module, args, kwargs):
+        if inputs is not None and not inputs:
+            inputs.update({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    handles = [pipe.transformer.transformer_blocks[0].register_forward_hook(hook, with_kwargs=True),
+               pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)]
     try:
         out = pipe(**call)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return seen[0], out
 
 
@@ -79,12 +107,22 @@ def test_condition_tokens_get_zero_residual_and_boxes_only_their_person(kpipe, s
     photo = str(shared_faces / "group" / "3.jpg")
     call = dict(prompt="a photo", image=photo, size=128, seed=3, output_type="latent", **FAST)
     a, b = _vectors(2, seed=5)
-    with_ids, out = _block0_outputs(kpipe, references=[a, b], **call)
+    inputs = {}
+    with_ids, out = _block0_outputs(kpipe, inputs, references=[a, b], **call)
     bare, _ = _block0_outputs(kpipe, references=[a, b], id_weight=0.0, **call)
     other, _ = _block0_outputs(kpipe, references=[a, _vectors(1, seed=9)[0]], **call)
     w, h = out.edit.size
     target = (h // 16) * (w // 16)
     assert with_ids.shape[1] == 2 * target  # [target tokens, condition tokens]
+    ids = inputs["img_ids"]  # position ids: first coordinate 0 for the target, 1 for the condition
+    assert torch.all(ids[:target, 0] == 0) and torch.all(ids[target:, 0] == 1)
+    assert torch.equal(ids[:target, 1:], ids[target:, 1:])
+    # the condition tokens are the VAE posterior mode of the blurred canvas, shifted, scaled and packed 2×2
+    vae = kpipe.vae
+    pixels = kpipe.image_processor.preprocess(out.edit.condition, h, w).to(vae.dtype)
+    lat = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    packed = kpipe._pack_latents(lat, 1, lat.shape[1], lat.shape[2], lat.shape[3])
+    torch.testing.assert_close(inputs["hidden_states"][:, target:], packed, rtol=0, atol=1e-6)
     residual = (with_ids - bare)[0]
     assert torch.count_nonzero(residual[target:]) == 0  # condition tokens: exactly zero
     cover = box_coverage(torch.tensor([out.edit.boxes], dtype=torch.float64), h, w)[0]  # [2, target]
