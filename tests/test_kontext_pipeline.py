@@ -192,3 +192,8 @@ def test_from_pretrained_with_tiny_files_in_real_formats(tmp_path, dlib_analyzer
     pipe.set_progress_bar_config(disable=True)
     out = pipe("", image=str(shared_faces / "group" / "3.jpg"), references=_vectors(2), size=64, seed=0, **FAST)
     assert out.images[0].size == (64, 64)
+    pipe.save_pretrained(tmp_path / "saved")  # diffusers layout with the adapter: loads back with its own adapter
+    again = WithAnyoneKontextPipeline.from_pretrained(tmp_path / "saved", face_pack=dlib_analyzer,
+                                                      torch_dtype=torch.float32)
+    sd, sd2 = pipe.adapter.state_dict(), again.adapter.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
