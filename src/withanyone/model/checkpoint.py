@@ -64,6 +64,10 @@ class LoadReport:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     base_keys: list[str] = field(default_factory=list)
+    #: Release keys the forward never uses (the Kontext-edit layout's ``siglip_in``); neither missing nor unexpected.
+    unused_keys: list[str] = field(default_factory=list)
+    #: Which key layout was read: ``"flux"`` (``ipa_arc``/``ipa_sig``) or ``"kontext_e"`` (``ipa``/``arcface_in``).
+    layout: str = "flux"
 
     @property
     def ok(self) -> bool:
@@ -81,6 +85,8 @@ class LoadReport:
             parts.append(f"{len(self.unexpected_keys)} unexpected: {head(self.unexpected_keys)}")
         if self.base_keys:
             parts.append(f"{len(self.base_keys)} base-model keys set aside")
+        if self.unused_keys:
+            parts.append(f"{len(self.unused_keys)} release keys unused by its forward: {head(self.unused_keys)}")
         return "; ".join(parts)
 
 

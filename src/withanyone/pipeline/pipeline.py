@@ -52,6 +52,23 @@ class WithAnyonePipelineOutput(BaseOutput):
     references: list[str]
 
 
+def init_identity_state(pipe: Any, adapter: Any, transformer: Any) -> None:
+    """Register ``adapter`` (attached to ``transformer``) and the lazily loaded helpers' state on ``pipe``
+    (shared by :class:`WithAnyonePipeline` and the Kontext pipeline)."""
+    pipe.register_modules(adapter=adapter)
+    if adapter is not None:
+        adapter.attach(transformer)
+    pipe._siglip_source = None
+    pipe._siglip = None
+    pipe._face_source = None
+    pipe._face_analyzer = None
+    pipe._matting_source = DEFAULT_MATTING
+    pipe._matting_trust = None
+    pipe._matting = None
+    #: Where each model came from and at which revision (filled by ``from_pretrained``).
+    pipe.model_sources = {}
+
+
 class WithAnyonePipeline(FluxPipeline):
     """Text-to-image FLUX with 1–4 (or more) reference identities placed in face boxes.
 
@@ -68,18 +85,7 @@ class WithAnyonePipeline(FluxPipeline):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                          image_encoder=image_encoder, feature_extractor=feature_extractor)
-        self.register_modules(adapter=adapter)
-        if adapter is not None:
-            adapter.attach(transformer)
-        self._siglip_source: Any = None
-        self._siglip: tuple[Any, Any] | None = None
-        self._face_source: Any = None
-        self._face_analyzer: Any = None
-        self._matting_source: Any = DEFAULT_MATTING
-        self._matting_trust: bool | None = None
-        self._matting: Any = None
-        #: Where each model came from and at which revision (filled by ``from_pretrained``).
-        self.model_sources: dict[str, Any] = {}
+        init_identity_state(self, adapter, transformer)
 
     @classmethod
     def from_pretrained(cls, base: Any = None, adapter: Any = "default", siglip: Any = "default",
@@ -314,7 +320,7 @@ class WithAnyonePipeline(FluxPipeline):
                     callback_on_step_end=callback, **flux_kwargs)
 
         if references is None:
-            out = super().__call__(**call)
+            out = self._base_call(**call)
             result = WithAnyonePipelineOutput(out.images, [], None, None, seed, [])
             return result if return_dict else (result.images,)
 
@@ -351,13 +357,17 @@ class WithAnyonePipeline(FluxPipeline):
                 boxes=[list(used_boxes)] * total, height=height, width=width,
                 id_weight=float(id_weight), siglip_weight=float(siglip_weight),
             ):
-                out = super().__call__(**call)
+                out = self._base_call(**call)
         finally:
             if self._is_offloading() and adapter_home != device:
                 self.adapter.to(adapter_home)
         result = WithAnyonePipelineOutput(out.images, list(used_boxes), arcface, siglip, seed,
                                           [r.source for r in refs])
         return result if return_dict else (result.images,)
+
+    def _base_call(self, **call: Any) -> Any:
+        """The base diffusers pipeline's ``__call__`` (``FluxPipeline``'s; the Kontext pipeline overrides it)."""
+        return FluxPipeline.__call__(self, **call)
 
     def face_analyzer_spec(self) -> dict[str, Any] | None:
         """How the face analyzer in use was built (resolved pack folder, models), or None if never created."""

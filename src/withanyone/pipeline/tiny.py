@@ -161,3 +161,42 @@ def tiny_pipeline(seed: int = 0, face_analyzer: Any = "dlib"):
     pipe.set_siglip(lambda: tiny_siglip(seed))
     pipe.model_sources = {"tiny": {"seed": seed, "note": "tiny random components: images are noise"}}
     return pipe
+
+
+def tiny_kontext_adapter(seed: int = 0, variant: str = "Ke", arcface_dim: int = TINY_ARCFACE_DIM):
+    """A random-weight adapter for :func:`tiny_kontext_pipeline`: ArcFace-only for Ke (as the release's edit model),
+    with the SigLIP branch for K."""
+    adapter = tiny_adapter(seed, use_siglip=variant == "K", arcface_dim=arcface_dim)
+    adapter.kontext_variant = variant
+    return adapter
+
+
+def write_tiny_kontext_checkpoint(path: Any, seed: int = 0, variant: str = "Ke",
+                                  arcface_dim: int = TINY_ARCFACE_DIM) -> Any:
+    """Write :func:`tiny_kontext_adapter`'s weights as a release-layout safetensors file (Ke: the Kontext-edit
+    layout ``ipa.{i}`` / ``arcface_in``; K: the FLUX layout); returns the path."""
+    from ..model.checkpoint import save_state_dict
+    from ..model.kontext import to_release_kontext_state_dict
+
+    adapter = tiny_kontext_adapter(seed, variant, arcface_dim)
+    sd = to_release_kontext_state_dict(adapter) if variant == "Ke" else adapter.to_authors_state_dict()
+    return save_state_dict(sd, path, metadata={"format": "pt", "source": "withanyone-tiny"})
+
+
+def tiny_kontext_pipeline(seed: int = 0, face_analyzer: Any = "dlib", variant: str = "Ke"):
+    """A complete ``WithAnyoneKontextPipeline`` of tiny random components (the FLUX ones, which
+    ``FluxKontextPipeline`` shares) that edits real photos offline; images are noise from a random model."""
+    from ..faces import FaceAnalyzer
+    from .kontext import WithAnyoneKontextPipeline
+
+    analyzer = FaceAnalyzer(face_analyzer) if isinstance(face_analyzer, str) else face_analyzer
+    dim = int(analyzer.embedding_dim)
+    pipe = WithAnyoneKontextPipeline(**get_dummy_components(seed),
+                                     adapter=tiny_kontext_adapter(seed, variant, arcface_dim=dim))
+    pipe.set_face_analyzer(analyzer)
+    if variant == "K":
+        pipe.set_siglip(lambda: tiny_siglip(seed))
+    pipe.kontext_variant = variant
+    pipe.model_sources = {"tiny": {"seed": seed, "variant": variant,
+                                   "note": "tiny random components: images are noise"}}
+    return pipe
