@@ -157,12 +157,13 @@ class Editor:
 
     # ------------------------------------------------------------------ edit
     def edit(self, prompt: str, people: Sequence[Person], base_path: str, assignment: Sequence[str | None], *,
-             steps: int, guidance: float, seed: int | None, size: int | None = None,
-             canvas: str = "square") -> Iterator[dict[str, Any]]:
+             steps: int, guidance: float, seed: int | None, size: int | None = None, canvas: str = "square",
+             keep_unreplaced: bool = False, feather: float = 0.0) -> Iterator[dict[str, Any]]:
         """Replace the faces of ``base_path`` that ``assignment`` gives a person (one entry per detected face: a
         person's name or None to keep it). Yields ``{"step", "total"}`` after each step, then ``{"done": True,
         "image", "before", "condition", "boxes", "replace", "seed", "image_path", "sidecar_path", "sidecar",
-        "seconds"}``. Raises ``ValueError`` for bad requests and :class:`Cancelled`."""
+        "seconds"}``. ``canvas``/``keep_unreplaced``/``feather``: the pipeline's options (release: square, every
+        face blurred, hard edge). Raises ``ValueError`` for bad requests and :class:`Cancelled`."""
         if not base_path:
             raise ValueError("upload the photo to edit first")
         if not prompt.strip():
@@ -207,7 +208,7 @@ class Editor:
                 with studio._lock:
                     box["result"] = pipe(
                         prompt, image=base.path, references=refs, boxes="faces", replace=replace, canvas=canvas,
-                        id_weight=1.0, size=side, num_inference_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
+                        keep_unreplaced=bool(keep_unreplaced), feather=float(feather), id_weight=1.0, size=side, num_inference_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
                         step_callback=on_step)
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
@@ -291,6 +292,15 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
             with gr.Row():
                 random_seed = gr.Checkbox(True, label="random seed", elem_id="edit_random_seed")
                 seed = gr.Number(0, label="seed (the one used is shown here)", precision=0, elem_id="edit_seed")
+            with gr.Accordion("options beyond the release", open=False):
+                with gr.Row():
+                    canvas = gr.Radio(["square", "photo"], value="square", elem_id="edit_canvas",
+                                      label="canvas: square (the release's crop around the faces) or the photo's "
+                                            "own aspect")
+                    keep = gr.Checkbox(False, label="keep the faces that are not replaced unblurred (the release "
+                                       "blurs every face)", elem_id="edit_keep")
+                    feather = gr.Slider(0, 40, value=0, step=1, label="blur edge feathering, photo px (release: 0)",
+                                        elem_id="edit_feather")
             with gr.Row():
                 go = gr.Button("Edit the photo", variant="primary", elem_id="edit_go")
                 stop = gr.Button("Cancel", variant="stop", elem_id="edit_cancel")
@@ -339,14 +349,16 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
     for trigger in [n_people.change, *[nm.blur for nm in names]]:
         trigger(refresh_choices, people_inputs, pickers)
 
-    def run(path, prompt_v, steps_v, guidance_v, size_v, rnd, seed_v, n, *args, progress=gr.Progress()):
+    def run(path, prompt_v, steps_v, guidance_v, size_v, rnd, seed_v, canvas_v, keep_v, feather_v, n, *args,
+            progress=gr.Progress()):
         picks = list(args[:MAX_FACES])
         people = people_of(int(n), *args[MAX_FACES:])
         use_seed = None if rnd or seed_v is None else int(seed_v)
-        keep = gr.update()
+        same = gr.update()
         try:
             for ev in editor.edit(prompt_v or "", people, path, picks, steps=int(steps_v), guidance=float(guidance_v),
-                                  seed=use_seed, size=int(size_v or editor.size)):
+                                  seed=use_seed, size=int(size_v or editor.size), canvas=canvas_v,
+                                  keep_unreplaced=bool(keep_v), feather=float(feather_v or 0)):
                 if ev.get("done"):
                     w, h = ev["image"].size
                     who = ", ".join(f"face {i} → {nm}" for i, nm in zip(ev["replace"], ev["names"], strict=True))
@@ -356,13 +368,14 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
                            [ev["image_path"], ev["sidecar_path"]], ev["seed"])
                 else:
                     progress((ev["step"], ev["total"]), desc="denoising")
-                    yield keep, keep, keep, f"denoising step {ev['step']}/{ev['total']}", keep, keep
+                    yield same, same, same, f"denoising step {ev['step']}/{ev['total']}", same, same
         except Cancelled:
-            yield keep, keep, keep, "❌ cancelled", keep, keep
+            yield same, same, same, "❌ cancelled", same, same
         except Exception as exc:  # a message on screen, never a traceback
-            yield keep, keep, keep, f"❌ {exc or type(exc).__name__}", keep, keep
+            yield same, same, same, f"❌ {exc or type(exc).__name__}", same, same
 
-    ev = go.click(run, [state, prompt, steps, guidance, size, random_seed, seed, n_people, *pickers, *names,
-                        *photos], [before, after, condition, status, downloads, seed], concurrency_limit=1,
+    inputs = [state, prompt, steps, guidance, size, random_seed, seed, canvas, keep, feather, n_people, *pickers,
+              *names, *photos]
+    ev = go.click(run, inputs, [before, after, condition, status, downloads, seed], concurrency_limit=1,
                   concurrency_id="gpu")
     stop.click(editor.studio.cancel, None, None, cancels=[ev])
