@@ -24,11 +24,15 @@ from .studio import COLORS, Cancelled, Person, Studio
 
 #: Faces of a base photo the tab offers a person for (more are drawn, numbered, and kept).
 MAX_FACES = 8
-#: What a face's dropdown says when it keeps its own face.
-KEEP = "keep (not replaced)"
+#: What a face's dropdown says when no person goes into it.
+KEEP = "nobody (not replaced)"
 #: Output side of the square canvas: the release's 512; ``--tiny`` 128 so a CPU keeps up.
 EDIT_SIZE = 512
 TINY_EDIT_SIZE = 128
+#: Display height (px) of the before / after / condition images; :data:`EDIT_CSS` scales a small canvas up to it.
+COMPARE_HEIGHT = 340
+EDIT_CSS = "\n".join(f"#{e} img {{ width: 100% !important; height: 100% !important; object-fit: contain; }}"
+                     for e in ("edit_before", "edit_after", "edit_condition"))
 
 
 @dataclass
@@ -307,10 +311,12 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
             status = gr.Markdown(elem_id="edit_status")
             with gr.Row():
                 before = gr.Image(label="before (the photo on the model's canvas)", interactive=False,
-                                  elem_id="edit_before", format="png")
-                after = gr.Image(label="after", interactive=False, elem_id="edit_after", format="png")
+                                  elem_id="edit_before", format="png", height=COMPARE_HEIGHT)
+                after = gr.Image(label="after", interactive=False, elem_id="edit_after", format="png",
+                                 height=COMPARE_HEIGHT)
             with gr.Accordion("what the model saw: the condition image (the faces blurred)", open=False):
-                condition = gr.Image(label="condition", interactive=False, elem_id="edit_condition", format="png")
+                condition = gr.Image(label="condition", interactive=False, elem_id="edit_condition", format="png",
+                                     height=COMPARE_HEIGHT)
             downloads = gr.File(label="download: image + JSON sidecar", file_count="multiple", interactive=False,
                                 elem_id="edit_downloads")
 
@@ -333,7 +339,9 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
             msg = "⚠ no face found in this photo; use one where the faces are clearly visible"
         else:
             msg = (f"{k} face(s) found, numbered as `withanyone edit --list-faces` numbers them. Pick a person for "
-                   "each face to replace; the others keep their face.")
+                   "each face to replace. As in the release, every face is blurred in what the model sees, so a "
+                   "face without a person is redrawn freely; to keep such faces as they are, tick *keep the faces "
+                   "that are not replaced* under the options.")
             if k > MAX_FACES:
                 msg += f" Faces {MAX_FACES}–{k - 1} can only be kept here (use the CLI's --replace)."
         return path, editor.preview(base), msg, *ups

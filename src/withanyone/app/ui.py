@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from .edit import EDIT_CSS
 from .models import PRESETS, LoadedModels
 from .people import MAX_PEOPLE, TRAINED_PEOPLE
 from .studio import SIZES, TINY_SIZES, Cancelled, Person, Placement, Studio, canvas, draw_boxes, people_note
@@ -48,7 +49,7 @@ _GALLERY_CHROME = 40
 APP_CSS = "\n".join(
     f"{'[id^=crops]' if key == 'crops' else '#' + key} .thumbnail-item {{ aspect-ratio: auto !important; "
     f"height: {h - _GALLERY_CHROME}px !important; }}"
-    for key, h in GALLERY_HEIGHTS.items())
+    for key, h in GALLERY_HEIGHTS.items()) + "\n" + EDIT_CSS
 
 
 def whole_gallery(**kwargs: Any) -> gr.Gallery:

@@ -284,11 +284,11 @@ def edit_command(
         canvas_boxes, note = None, ""
         if faces:
             try:  # where each face lands on the output canvas (when all faces are kept in it)
-                plan = prepare_edit(image, len(faces), faces=faces, size=side, canvas=canvas)
+                plan = prepare_edit(photo, len(faces), faces=faces, size=side, canvas=canvas)
                 canvas_boxes = plan.face_boxes
                 note = f"; output canvas {plan.size[0]}x{plan.size[1]} (--canvas {canvas}, --size {side})"
-            except (EditError, ValueError) as exc:
-                note = f"; {' '.join(str(exc).split())}"
+            except (EditError, ValueError) as exc:  # e.g. faces that no square holds: said, the list still shown
+                note = "; " + cli_words(" ".join(str(exc).split()), photo).removeprefix(f"{photo}: ")
         typer.echo(f"{photo}: {len(faces)} face(s) ({w0}x{h0}), numbered left to right for --replace{note}")
         for line in face_lines(faces, (w0, h0), canvas_boxes):
             typer.echo(line)
