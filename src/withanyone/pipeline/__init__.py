@@ -6,6 +6,7 @@ from .references import Reference, ReferenceError, prepare_reference, prepare_re
 __all__ = [
     "Box", "Reference", "ReferenceError", "WithAnyonePipeline", "WithAnyonePipelineOutput", "auto_boxes",
     "boxes_from_layout", "prepare_reference", "prepare_references", "resolve_boxes", "square_crop", "validate_boxes",
+    "WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput",
 ]
 
 
@@ -15,4 +16,8 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput"):
+        from . import kontext
+
+        return getattr(kontext, name)
     raise AttributeError(name)

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from ..errors import WithAnyoneError
 
 __all__ = [
-    "CANVASES", "CropTransform", "EditError", "EditPlan", "FACE_ORDERS", "RELEASE_BLUR_MIN_FACE",
+    "CANVASES", "KONTEXT_RESOLUTIONS", "CropTransform", "EditError", "EditPlan", "FACE_ORDERS", "RELEASE_BLUR_MIN_FACE",
     "RELEASE_BLUR_RADIUS", "RELEASE_SIZE", "blur_faces", "detect_faces", "kontext_resolution", "map_boxes",
     "photo_sha256", "prepare_edit", "square_around_faces",
 ]
@@ -46,6 +46,12 @@ RELEASE_BLUR_MIN_FACE = 100
 CANVASES = ("square", "photo")
 #: Face numbering: left to right (default), or the detector's own order.
 FACE_ORDERS = ("left", "detector")
+
+#: The (width, height) pairs FLUX.1 Kontext was trained on: diffusers' ``PREFERRED_KONTEXT_RESOLUTIONS`` (BFL's list),
+#: restated so preprocessing does not import diffusers' pipelines (a test checks they agree).
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
 
 BoxList = Sequence[Sequence[float]]
 
@@ -235,10 +241,8 @@ def photo_sha256(path_or_image: Any) -> str:
 def kontext_resolution(width: int, height: int, size: int | None = RELEASE_SIZE) -> tuple[int, int]:
     """diffusers' preferred Kontext resolution nearest the photo's aspect ratio, scaled to about ``size``² pixels
     (``None``: as listed, ~1 MP) and rounded down to multiples of 16."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
     aspect = width / height
-    _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
     if size is not None:
         k = size / math.sqrt(w * h)
         w, h = w * k, h * k
@@ -350,8 +354,9 @@ def prepare_edit(photo: Any, references: Sequence[Any] | int, analyzer: Any = No
         except ValueError as exc:
             raise EditError(str(exc).splitlines()[0]) from exc
         id_boxes = [[int(v) for v in b] for b in boxes]
-    else:
-        id_boxes = [face_boxes[i] for i in replaced]
+    else:  # clipped to the canvas, as the release's mask clamps its patch indices
+        id_boxes = [[max(0, b[0]), max(0, b[1]), min(tf.out_w, b[2]), min(tf.out_h, b[3])]
+                    for b in (face_boxes[i] for i in replaced)]
 
     if keep_unreplaced:
         blurred = list(replaced)

@@ -30,7 +30,7 @@ from diffusers import FluxKontextPipeline
 from .edit import RELEASE_BLUR_RADIUS, RELEASE_SIZE, EditPlan, prepare_edit
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WithAnyonePipeline, WithAnyonePipelineOutput, init_identity_state
 
-__all__ = ["WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput", "EDIT_SIGLIP_REFUSAL"]
+__all__ = ["EDIT_DET_THRESH", "EDIT_SIGLIP_REFUSAL", "WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput"]
 
 #: Why SigLIP is refused in edit mode.
 EDIT_SIGLIP_REFUSAL = (
@@ -38,9 +38,13 @@ EDIT_SIGLIP_REFUSAL = (
     "withanyone_kontext_e) runs ArcFace-only (gradio_edit.py passes arc_only=True, 'only arcface supported now'); "
     "use siglip_weight=0")
 
+#: Detection threshold of the release's edit demo: its FaceExtractor calls insightface's ``prepare(ctx_id=0)``,
+#: whose default is 0.5 (the FLUX pipeline's references use util.py's 0.4).
+EDIT_DET_THRESH = 0.5
+
 # Methods shared with WithAnyonePipeline verbatim (they touch only the identity state set by init_identity_state).
 _SHARED = ("set_identity_adapter", "set_siglip", "set_face_analyzer", "siglip_loaded", "load_siglip",
-           "face_analyzer", "set_matting", "matting_loaded", "load_matting", "check_identity_inputs",
+           "set_matting", "matting_loaded", "load_matting", "check_identity_inputs",
            "prepare_identities", "face_analyzer_spec", "_is_offloading")
 
 
@@ -93,13 +97,28 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
             if not (path.is_dir() and (path / "config.json").is_file() and adapter_file is None):
                 adapter = load_kontext_adapter(
                     adapter, variant, adapter_file, torch_dtype=kwargs.get("torch_dtype") or torch.bfloat16,
-                    local_files_only=bool(kwargs.get("local_files_only")), revision=kwargs.get("revision"))
+                    local_files_only=bool(kwargs.get("local_files_only")), revision=kwargs.get("revision"),
+                    num_double_blocks=_double_blocks(base, kwargs))
         if siglip == "default":
             siglip = loading.DEFAULT_SIGLIP if variant == "K" else None
         pipe = loading.from_pretrained(cls, base, adapter, siglip,
                                        loading.DEFAULT_FACE_PACK if face_pack == "default" else face_pack, **kwargs)
         pipe.kontext_variant = variant
         return pipe
+
+    def face_analyzer(self) -> Any:
+        """The face analyzer for the base photo and the references: insightface ``antelopev2`` detecting at the
+        release's edit threshold (:data:`EDIT_DET_THRESH`, ``gradio_edit.py``'s ``prepare(ctx_id=0)``) unless
+        ``set_face_analyzer`` gave another; created on first use."""
+        if self._face_analyzer is None:
+            src = self._face_source if self._face_source is not None else "antelopev2"
+            if callable(src) and not isinstance(src, str):
+                self._face_analyzer = src()
+            else:
+                from ..faces import FaceAnalyzer
+
+                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=EDIT_DET_THRESH)
+        return self._face_analyzer
 
     def _base_call(self, **call: Any) -> Any:
         """FluxKontextPipeline's ``__call__`` (the shared identity body's base call)."""
@@ -186,6 +205,23 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
 for _name in _SHARED:
     setattr(WithAnyoneKontextPipeline, _name, WithAnyonePipeline.__dict__[_name])
 del _name
+
+
+def _double_blocks(base: Any, kwargs: dict[str, Any]) -> int | None:
+    """The base transformer's double-block count (where the release's flat adapter block list splits), read from
+    a ``transformer=`` override or the base's ``transformer/config.json``; None (→ FLUX's 19 + 38) if unknown."""
+    given = kwargs.get("transformer")
+    if given is not None:
+        return len(given.transformer_blocks)
+    import json
+
+    from .sources import _Source
+
+    try:
+        src = _Source(base, kwargs.get("revision"), kwargs.get("local_files_only"), "FLUX.1 Kontext base")
+        return int(json.loads(src.file("transformer/config.json").read_text())["num_layers"])
+    except Exception:  # the base's own check (after the adapter) reports a missing base precisely
+        return None
 
 
 def _fields(result: WithAnyonePipelineOutput) -> dict[str, Any]:
