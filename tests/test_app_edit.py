@@ -95,3 +95,15 @@ def test_edit_requests_that_cannot_run_say_why(editor, shared_faces, duo):
     for args, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             list(editor.edit(*args, steps=1, guidance=4.0, seed=1))
+
+
+def test_missing_kontext_weights_are_a_message(editor, tmp_path):
+    from withanyone.app.edit import Editor, KontextOptions
+
+    missing = Editor(editor.studio, KontextOptions(base=str(tmp_path / "no-kontext"),
+                                                   adapter=str(tmp_path / "no-ke.safetensors")))
+    with pytest.raises(ValueError, match=r"could not be loaded: .*no-ke\.safetensors is missing") as err:
+        missing.pipeline()
+    assert "hf download" not in str(err.value) and "--kontext-adapter" in str(err.value)  # local paths: no hub hint
+    with pytest.raises(ValueError, match="could not be loaded"):  # remembered, not retried on every click
+        missing.pipeline()

@@ -25,7 +25,8 @@ def launch(opts: LoadOptions, host: str = "127.0.0.1", port: int = 7860, share: 
     models = load_models(opts)
     studio = Studio(models, out_dir or tempfile.mkdtemp(prefix="withanyone-studio-"))
     editor = Editor(studio, KontextOptions(base=opts.kontext_base, adapter=opts.kontext_adapter,
-                                           adapter_file=opts.kontext_adapter_file, tiny=opts.tiny,
+                                           adapter_file=opts.kontext_adapter_file, face_pack=opts.face_pack,
+                                           tiny=opts.tiny,
                                            offline=opts.offline))
     demo = build_ui(studio, editor)
     demo.queue(default_concurrency_limit=1, max_size=16)

@@ -42,6 +42,7 @@ class KontextOptions:
     base: str = "black-forest-labs/FLUX.1-Kontext-dev"
     adapter: str = "WithAnyone/WithAnyone"
     adapter_file: str | None = None
+    face_pack: str = "antelopev2"
     tiny: bool = False
     offline: bool = False
 
@@ -92,6 +93,21 @@ class Editor:
         self._error: str | None = None
         self._bases: dict[str, BasePhoto] = {}
         self._load_lock = threading.Lock()
+        self._analyzer: Any = None
+
+    @property
+    def analyzer(self) -> Any:
+        """The base photo's face analyser: with ``--tiny`` the app's (dlib); else insightface at the release edit
+        demo's detection threshold (:data:`~withanyone.pipeline.kontext.EDIT_DET_THRESH`), created on first use."""
+        if self.options.tiny:
+            return self.studio.analyzer
+        if self._analyzer is None:
+            from ..faces import FaceAnalyzer
+            from ..pipeline.kontext import EDIT_DET_THRESH
+
+            self._analyzer = FaceAnalyzer("insightface", pack=str(self.options.face_pack),
+                                          det_thresh=EDIT_DET_THRESH)
+        return self._analyzer
 
     @property
     def size(self) -> int:
@@ -113,23 +129,23 @@ class Editor:
 
         from ..errors import WithAnyoneError
 
-        analyzer = self.studio.analyzer
         if self.options.tiny:
             from ..pipeline.tiny import tiny_kontext_pipeline
 
-            pipe = tiny_kontext_pipeline(face_analyzer=analyzer)
+            pipe = tiny_kontext_pipeline(face_analyzer=self.studio.analyzer)
         else:
             from ..pipeline.kontext import WithAnyoneKontextPipeline
 
             dtype = getattr(torch, self.studio.models.dtype) if self.studio.models.dtype != "-" else torch.float32
-            try:
+            try:  # the face pack: the one already loaded for the photos, else the pipeline's own (lazy, at 0.5)
                 pipe = WithAnyoneKontextPipeline.from_pretrained(
                     base=self.options.base, adapter=self.options.adapter, variant="Ke",
-                    adapter_file=self.options.adapter_file, face_pack=analyzer, torch_dtype=dtype,
-                    local_files_only=self.options.offline or None)
+                    adapter_file=self.options.adapter_file,
+                    face_pack=self._analyzer if self._analyzer is not None else self.options.face_pack,
+                    torch_dtype=dtype, local_files_only=self.options.offline or None)
+                pipe.to(self.studio.models.device)
             except (WithAnyoneError, FileNotFoundError, OSError, ValueError) as exc:
                 return None, kontext_missing_message(exc, self.options)
-            pipe.to(self.studio.models.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe, None
 
@@ -151,7 +167,7 @@ class Editor:
             except WithAnyoneError as exc:
                 raise ValueError(f"{Path(path).name}: {getattr(exc, 'reason', exc)}") from exc
             with self.studio._face_lock:
-                faces = detect_faces(image, self.studio.analyzer)
+                faces = detect_faces(image, self.analyzer)
             hit = self._bases[sha] = BasePhoto(str(path), image, list(faces), sha)
         return hit
 
@@ -253,15 +269,26 @@ class Editor:
 
 
 def kontext_missing_message(exc: BaseException, opts: KontextOptions) -> str:
-    """What failed to load for the Edit tab, and how to get it."""
-    from ..hub import GATED_REPOS, download_command
+    """What failed to load for the Edit tab, and how to get it (``hf download`` lines for hub ids only)."""
+    import re
 
-    gated = opts.base in GATED_REPOS
-    how = (f"accept the licence at https://huggingface.co/{opts.base}, `hf auth login`, then " if gated else "run ")
-    return (f"the Edit tab's model could not be loaded: {' '.join(str(exc).split())}. How to get it: {how}"
-            f"`{download_command(opts.base)}` and `{download_command(opts.adapter)}` (the WithAnyone.Ke file), or "
-            "start the app with --kontext-base/--kontext-adapter pointing at local copies; `withanyone app --tiny` "
-            "runs the tab on a tiny random model.")
+    from ..hub import GATED_REPOS, download_command
+    from ..model.kontext import KONTEXT_FILES
+
+    def hub_id(name: str) -> bool:
+        return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
+
+    cmds = []
+    if hub_id(opts.base):
+        cmds.append(download_command(opts.base))
+    if hub_id(opts.adapter):
+        cmds.append(download_command(opts.adapter, (opts.adapter_file or KONTEXT_FILES["Ke"],)))
+    licence = (f"accept the licence at https://huggingface.co/{opts.base} and `hf auth login`, then "
+               if opts.base in GATED_REPOS else "")
+    how = (f"How to get them: {licence}" + " and ".join(f"`{c}`" for c in cmds) + "; or " if cmds else "")
+    return (f"the Edit tab's model could not be loaded: {' '.join(str(exc).split())}. {how}start the app with "
+            "--kontext-base (a FLUX.1 Kontext diffusers folder) and --kontext-adapter (the WithAnyone.Ke file) "
+            "pointing at local copies; `withanyone app --tiny` runs the tab on a tiny random model.")
 
 
 def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], n_people: Any,

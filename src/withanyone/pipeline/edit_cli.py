@@ -388,12 +388,13 @@ def _check_photo(photo: Path) -> None:
 
 
 def _analyzer(tiny: bool, face_pack: str) -> Any:
+    """dlib for ``--tiny``; else insightface at the release edit demo's threshold (for the photo and the refs)."""
     from ..faces import FaceAnalyzer
-    from .references import REFERENCE_DET_THRESH
+    from .kontext import EDIT_DET_THRESH
 
     if tiny:
         return FaceAnalyzer("dlib")
-    return FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=REFERENCE_DET_THRESH)
+    return FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=EDIT_DET_THRESH)
 
 
 def _references(refs: Sequence[str], analyzer: Any, tiny: bool, need_crop: bool) -> list[Any]:
