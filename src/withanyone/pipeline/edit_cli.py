@@ -390,10 +390,11 @@ def _check_photo(photo: Path) -> None:
 def _analyzer(tiny: bool, face_pack: str) -> Any:
     """dlib for ``--tiny``; else insightface at the release edit demo's threshold (for the photo and the refs)."""
     from ..faces import FaceAnalyzer
-    from .kontext import EDIT_DET_THRESH
 
     if tiny:
         return FaceAnalyzer("dlib")
+    from .kontext import EDIT_DET_THRESH  # (imports diffusers: its warnings print before the face checks)
+
     return FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=EDIT_DET_THRESH)
 
 
