@@ -183,3 +183,17 @@ def test_generate_base_kontext_tiny(shared_faces, tmp_path):
                      "-r", shared_faces / "biden" / "1.jpg", "--seed", "1", "--steps", "2", "--no-progress",
                      "-o", tmp_path / "f.png"])
     assert plain.exit_code == 0 and "mode" not in json.loads((tmp_path / "f.json").read_text())
+
+
+def test_which_bases_are_kontext(tmp_path):
+    from withanyone.model.kontext import KONTEXT_BASE as CORE_BASE
+    from withanyone.pipeline.kontext_source import KONTEXT_BASE, is_kontext_base, resolve_kontext_base
+
+    assert KONTEXT_BASE == CORE_BASE == resolve_kontext_base("kontext")
+    assert resolve_kontext_base("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    for folder, cls in (("k", "FluxKontextPipeline"), ("flux", "FluxPipeline"), ("kontext-named-flux", "FluxPipeline")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    assert is_kontext_base(str(tmp_path / "k")) and is_kontext_base("kontext") and is_kontext_base(KONTEXT_BASE)
+    assert not is_kontext_base(str(tmp_path / "flux")) and not is_kontext_base("black-forest-labs/FLUX.1-dev")
+    assert not is_kontext_base(str(tmp_path / "kontext-named-flux"))  # a local folder: its model_index decides

@@ -218,7 +218,7 @@ def generate_command(
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
-    from .edit_cli import is_kontext_base, resolve_kontext_base
+    from .kontext_source import is_kontext_base, resolve_kontext_base
 
     kontext = is_kontext_base(base)  # WithAnyone.K: text-to-image on FLUX.1 Kontext
     base = resolve_kontext_base(base)
@@ -259,7 +259,7 @@ def generate_command(
         except WithAnyoneError as exc:
             raise fail(exc) from exc
     elif kontext:
-        from .edit_cli import load_kontext
+        from .kontext_source import load_kontext
 
         pipe = load_kontext(base, adapter, "K", adapter_file=None, siglip=siglip, analyzer=analyzer,
                             face_pack=face_pack, torch_dtype=torch_dtype, offline=offline, console=console,

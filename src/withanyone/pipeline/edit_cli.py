@@ -17,11 +17,8 @@ from typing import Any
 import typer
 
 from .cli import IMAGE_SUFFIXES, TINY_STEPS, _parse_box, validate_generate_args
+from .kontext_source import KONTEXT_BASE, check_kontext_base, load_kontext, resolve_kontext_base
 
-#: The Kontext base behind ``--base kontext`` (gated on the hub, like FLUX.1-dev).
-KONTEXT_BASE = "black-forest-labs/FLUX.1-Kontext-dev"
-#: Names of the Kontext base a user may give for :data:`KONTEXT_BASE`.
-KONTEXT_ALIASES = ("kontext", "flux-kontext", "FLUX.1-Kontext-dev")
 #: Output side of ``--tiny`` edits (the square canvas; a random 2-block Kontext: seconds on a CPU).
 TINY_EDIT_SIZE = 128
 #: ``--canvas`` choices: the release's square canvas around the faces, or diffusers' Kontext resolution
@@ -29,26 +26,6 @@ TINY_EDIT_SIZE = 128
 CANVASES = ("square", "photo")
 TINY_EDIT_NOTE = ("tiny random model (--tiny): the image is noise from random weights, not a WithAnyone edit; "
                   "it shows the edit path runs (faces, boxes, blur and condition are real)")
-
-
-def resolve_kontext_base(base: str) -> str:
-    """``kontext`` (and its aliases) → :data:`KONTEXT_BASE`; anything else unchanged."""
-    return KONTEXT_BASE if base in KONTEXT_ALIASES else base
-
-
-def is_kontext_base(base: str) -> bool:
-    """Whether ``base`` names a FLUX.1 Kontext model: an alias, a hub id with "kontext" in it, or a diffusers
-    folder whose ``model_index.json`` is a ``FluxKontextPipeline``."""
-    import json
-
-    if base in KONTEXT_ALIASES or "kontext" in base.lower():
-        return True
-    index = Path(base) / "model_index.json"
-    try:
-        return json.loads(index.read_text()).get("_class_name") in ("FluxKontextPipeline",
-                                                                     "WithAnyoneKontextPipeline")
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def parse_replace(text: str) -> list[int]:
@@ -406,35 +383,3 @@ def _references(refs: Sequence[str], analyzer: Any, tiny: bool, need_crop: bool)
     for r, path in zip(references, refs, strict=True):
         r.source = str(path)
     return references
-
-
-def check_kontext_base(base: str, offline: bool, fail: Any) -> None:
-    """The Kontext base's files exist (locally, or cached when offline); else ``fail`` with how to get them."""
-    import re
-
-    from ..errors import WithAnyoneError
-    from ..hub import download_hint
-    from .loading import check_base
-
-    try:
-        check_base(base, None, offline or None)
-    except (WithAnyoneError, FileNotFoundError) as exc:
-        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not Path(base).exists()
-        raise fail(f"{exc}; {download_hint(base)}" if hub_id and "hf download" not in str(exc) else exc) from exc
-
-
-def load_kontext(base: str, adapter: str, variant: str, *, adapter_file: str | None, siglip: Any, analyzer: Any,
-                 face_pack: str, torch_dtype: Any, offline: bool, console: Any, fail: Any) -> Any:
-    """``WithAnyoneKontextPipeline.from_pretrained`` (WithAnyone.K or .Ke); failures as one line."""
-    from ..errors import WithAnyoneError
-    from .kontext import WithAnyoneKontextPipeline
-
-    console.print(f"loading {base} + {adapter} (WithAnyone.{variant}; {torch_dtype})")
-    try:
-        pipe = WithAnyoneKontextPipeline.from_pretrained(
-            base=base, adapter=adapter, variant=variant, adapter_file=adapter_file, siglip=siglip,
-            face_pack=analyzer, torch_dtype=torch_dtype, local_files_only=offline or None)
-    except (WithAnyoneError, FileNotFoundError, ValueError) as exc:
-        raise fail(exc) from exc
-    pipe.model_sources["face_pack"] = str(face_pack)
-    return pipe
