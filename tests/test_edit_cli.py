@@ -197,3 +197,35 @@ def test_which_bases_are_kontext(tmp_path):
     assert is_kontext_base(str(tmp_path / "k")) and is_kontext_base("kontext") and is_kontext_base(KONTEXT_BASE)
     assert not is_kontext_base(str(tmp_path / "flux")) and not is_kontext_base("black-forest-labs/FLUX.1-dev")
     assert not is_kontext_base(str(tmp_path / "kontext-named-flux"))  # a local folder: its model_index decides
+
+
+def test_edit_loads_a_kontext_folder_and_ke_file_from_disk(tmp_path):
+    """Without --tiny: a FLUX.1 Kontext diffusers folder, a release-layout Ke file and an insightface-format pack
+    (tiny, in the real formats) load through --base/--adapter/--face-pack; the sidecar names them."""
+    from diffusers import FluxKontextPipeline
+    from tiny_models.insightface_pack import build_tiny_pack, paint_key
+
+    from withanyone.pipeline.tiny import get_dummy_components, write_tiny_kontext_checkpoint
+
+    FluxKontextPipeline(**get_dummy_components()).save_pretrained(tmp_path / "kontext")
+    ke = write_tiny_kontext_checkpoint(tmp_path / "ke" / "withanyone_kontext_edit.safetensors")
+    build_tiny_pack(tmp_path / "pack", num_anchors=1)
+    rng = np.random.default_rng(3)
+    photo = paint_key(rng.integers(60, 200, size=(256, 256, 3), dtype=np.uint8), 96, 64, 128, 96)
+    Image.fromarray(photo).save(tmp_path / "photo.png")  # one "face" (the tiny detector's key colour)
+    ref = paint_key(rng.integers(60, 200, size=(256, 256, 3), dtype=np.uint8), 128, 128, 160, 160)
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    listed = CliRunner().invoke(app, ["edit", str(tmp_path / "photo.png"), "--list-faces", "--face-pack",
+                                      str(tmp_path / "pack")])
+    assert listed.exit_code == 0, listed.output
+    n = int(listed.stdout.split(": ", 1)[1].split(" face(s)")[0])
+    assert n >= 1  # the tiny detector may fire on neighbouring cells of the square too
+    res, _ = _run(["edit", tmp_path / "photo.png", "-r", tmp_path / "ref.png", "--replace", "0", "-p", "a person",
+                   "--base", tmp_path / "kontext", "--adapter", ke, "--face-pack", tmp_path / "pack", "--size", "64",
+                   "--steps", "1", "--seed", "0", "--device", "cpu", "--no-progress", "--keep-unreplaced",
+                   "--out", tmp_path / "e.png"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    side = json.loads((tmp_path / "e.json").read_text())
+    assert side["models"]["base"]["path"] == str((tmp_path / "kontext").resolve())
+    assert side["models"]["face_pack"] == str(tmp_path / "pack") and side["dtype"] == "float32"
+    assert side["edit_plan"]["keep_unreplaced"] is True and Image.open(tmp_path / "e.png").size == (64, 64)

@@ -191,7 +191,8 @@ def edit_command(
                                     "ArcFace-only: no SigLIP branch)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: drawn and recorded)."),
     size: int | None = typer.Option(None, "--size", help="Output side of the square canvas in pixels (multiple "
-                                    "of 16; default 512 as the release, --tiny 128)."),
+                                    "of 16; default 512 as the release, --tiny 128); --canvas photo: about "
+                                    "size² pixels."),
     steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default 25, --tiny 4)."),
     guidance: float = typer.Option(4.0, "--guidance", help="FLUX distilled guidance."),
     base: str = typer.Option(KONTEXT_BASE, "--base", help="FLUX.1 Kontext hub id or diffusers folder."),
