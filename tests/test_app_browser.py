@@ -257,6 +257,17 @@ def test_edit_tab_replaces_a_face_in_a_real_browser(studio_url, shared_faces, tm
         shot = tmp_path / "studio-edit.png"
         page.screenshot(path=str(shot), full_page=True)
         _not_blank(shot)
+
+        # renaming a person in the Generate tab's panel renames them in the Edit tab's dropdowns
+        page.get_by_role("tab", name="Generate").click()
+        page.fill("#name1 textarea, #name1 input", "joe")
+        page.locator("#name1 textarea, #name1 input").blur()
+        page.get_by_role("tab", name="Edit").click()
+        expect(picker).to_have_value("nobody (not replaced)")  # biden is gone: that face goes back to nobody
+        picker.click()
+        picker.fill("joe")
+        picker.press("Enter")
+        expect(picker).to_have_value("joe")
         browser.close()
     keep = os.environ.get("WITHANYONE_SCREENSHOTS")
     if keep:  # how docs/app-edit.png was made

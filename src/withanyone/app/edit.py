@@ -378,11 +378,13 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
                  concurrency_limit=1, concurrency_id="faces")
 
     def refresh_choices(n, *values):
-        opts = choices(n, *values)
-        return [gr.update(choices=opts) for _ in range(MAX_FACES)]
+        """New names / people count → each dropdown's choices; a pick whose person is gone goes back to nobody."""
+        picks, rest = values[:MAX_FACES], values[MAX_FACES:]
+        opts = choices(n, *rest)
+        return [gr.update(choices=opts, value=v if v in opts else KEEP) for v in picks]
 
     for trigger in [n_people.change, *[nm.blur for nm in names]]:
-        trigger(refresh_choices, people_inputs, pickers)
+        trigger(refresh_choices, [n_people, *pickers, *names, *photos], pickers)
 
     def run(path, prompt_v, steps_v, guidance_v, size_v, rnd, seed_v, canvas_v, keep_v, feather_v, n, *args,
             progress=gr.Progress()):
