@@ -8,6 +8,8 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# `make test` runs what a contributor needs and skips tests marked slow; `make test SLOW=1` (CI) runs them all
+SLOW ?=
 # the tested versions (constraints.txt); `make install-dev CONSTRAINTS=` installs from pyproject's ranges only
 CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= demo-out
@@ -38,7 +40,7 @@ demo: $(VENV)/.core
 	$(VENV)/bin/withanyone demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks

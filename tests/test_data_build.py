@@ -178,6 +178,7 @@ def _run_and_kill(out: Path, inputs: list[str], manifest: Path, after: int, poll
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_sigkill_mid_run_then_resume_gives_identical_shards(ray_session, samples_dir, tmp_path):
     src = tmp_path / "photos"
     for person in ("obama", "biden", "kit_harington", "rose_leslie"):

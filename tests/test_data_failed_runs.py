@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_bench_stale import _env, _kill_run_and_wait
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "faces"
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_build_dataset_every_photo_unreadable_exits_1(tmp_path):
     for person in ("alice", "bob"):
         (tmp_path / "in" / person).mkdir(parents=True)
@@ -28,6 +30,7 @@ def test_build_dataset_every_photo_unreadable_exits_1(tmp_path):
     assert "unreadable 4" in err[-1] and (tmp_path / "out" / "report.json").is_file()
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_killed_build_dataset_leaves_no_ray_process(tmp_path):
     src = tmp_path / "in"
     for person in ("obama", "newton", "biden", "kit_harington", "alex_lacamoire"):

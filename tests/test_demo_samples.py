@@ -51,6 +51,7 @@ def test_both_label_layouts_and_the_plan(samples_dir: Path, own_folder: Path):
     assert any(w == "one-person samples" for w, _ in plan["skipped"])
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_demo_on_own_folder_runs_the_two_person_checks_and_says_what_it_skipped(own_folder: Path, tmp_path: Path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--samples", str(own_folder)])

@@ -180,6 +180,7 @@ def test_unknown_backend_and_missing_gallery(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_min_detection_score_is_calibrated_between_fakes_and_real_faces(shared_faces):
     """The default keeps every real face of ../shared/data/faces and drops the false detections dlib's own
     threshold (−0.2) let through (an ear at 0.21 on scarlett/1.jpg; a watch, a shadow, a duplicate box)."""

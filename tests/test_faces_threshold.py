@@ -66,6 +66,7 @@ def shared_root():
     return SHARED_FACES if (SHARED_FACES / "labels.json").is_file() else None
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_threshold_separates_every_real_pair_with_its_margin(roc, samples_dir, shared_root, dlib_analyzer):
     """Samples always; ../shared too where present (CI): FPR 0 and TPR 1 with MARGIN on both sides."""
     res = roc.pair_scores(_folders(samples_dir, shared_root), dlib_analyzer)

@@ -278,3 +278,15 @@ def test_detect_faces_on_both_backends(tmp_path, dlib_analyzer, shared_faces):
     plan = prepare_edit(img, 2, fa, replace=[0, len(found) - 1], size=256, min_blur_face=10)
     assert plan.size == (256, 256) and len(plan.boxes) == 2 and plan.boxes[0][0] < plan.boxes[1][0]
     assert hits(plan.transform.to_photo(plan.boxes)[0], squares[1])  # leftmost face = the square at x = 64
+
+
+def test_user_boxes_override_the_faces():
+    photo = noise_photo(640, 640, 9)
+    two = _Faces([(60, 90, 210, 250), (330, 100, 500, 290)])
+    plan = prepare_edit(photo, 1, two, boxes=[(200, 300, 360, 480)])
+    assert plan.boxes == [[200, 300, 360, 480]] and plan.replaced == [] and plan.blurred == [0, 1]
+    diff = np.abs(np.asarray(plan.condition, dtype=int) - np.asarray(plan.canvas, dtype=int))
+    assert diff[300:480, 200:360].mean() > 3  # the user's box is blurred too (it will be redrawn)
+    with pytest.raises(EditError) as err:
+        prepare_edit(photo, 1, two, boxes=[(700, 300, 900, 480)])  # entirely outside the 512² canvas
+    assert "entirely outside" in str(err.value) and "\n" not in str(err.value)

@@ -173,18 +173,16 @@ def test_text_to_image_mode_k_with_siglip(dlib_analyzer):
 
 
 def test_from_pretrained_with_tiny_files_in_real_formats(tmp_path, dlib_analyzer, shared_faces):
-    from diffusers import FluxKontextPipeline
-
     from withanyone.errors import ModelNotFoundError
     from withanyone.pipeline.kontext import WithAnyoneKontextPipeline
-    from withanyone.pipeline.tiny import get_dummy_components, write_tiny_kontext_checkpoint
+    from withanyone.pipeline.tiny import write_tiny_kontext_files
 
-    FluxKontextPipeline(**get_dummy_components()).save_pretrained(tmp_path / "base")
-    ke = write_tiny_kontext_checkpoint(tmp_path / "hub" / "withanyone_kontext_edit.safetensors", arcface_dim=128)
+    base, ke = write_tiny_kontext_files(tmp_path, arcface_dim=128)
+    assert ke.name == "withanyone_kontext_edit.safetensors" and (base / "transformer" / "config.json").is_file()
     with pytest.raises(ModelNotFoundError) as err:  # the adapter file is checked before the base loads
-        WithAnyoneKontextPipeline.from_pretrained(tmp_path / "base", adapter=tmp_path / "hub", variant="K")
+        WithAnyoneKontextPipeline.from_pretrained(base, adapter=ke.parent, variant="K")
     assert "withanyone_kontext.safetensors" in str(err.value)
-    pipe = WithAnyoneKontextPipeline.from_pretrained(tmp_path / "base", adapter=tmp_path / "hub", variant="Ke",
+    pipe = WithAnyoneKontextPipeline.from_pretrained(base, adapter=ke.parent, variant="Ke",
                                                      face_pack=dlib_analyzer, torch_dtype=torch.float32)
     report = pipe.adapter.load_report
     assert report.ok and report.layout == "kontext_e" and report.source == str(ke)
@@ -192,3 +190,8 @@ def test_from_pretrained_with_tiny_files_in_real_formats(tmp_path, dlib_analyzer
     pipe.set_progress_bar_config(disable=True)
     out = pipe("", image=str(shared_faces / "group" / "3.jpg"), references=_vectors(2), size=64, seed=0, **FAST)
     assert out.images[0].size == (64, 64)
+    pipe.save_pretrained(tmp_path / "saved")  # diffusers layout with the adapter: loads back with its own adapter
+    again = WithAnyoneKontextPipeline.from_pretrained(tmp_path / "saved", face_pack=dlib_analyzer,
+                                                      torch_dtype=torch.float32)
+    sd, sd2 = pipe.adapter.state_dict(), again.adapter.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)

@@ -40,3 +40,28 @@ def test_readme_python_snippets_import_what_they_use():
     assert blocks, "README has no python snippet"
     for code in blocks:
         assert _undefined_names(code) == [], code
+
+
+def _quick_start(text: str) -> list[str]:
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+    assert block, "README has no quick-start block"
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
+
+
+def test_quick_start_is_demo_then_test_and_ci_runs_the_same_test_command():
+    assert _quick_start(README.read_text(encoding="utf-8")) == ["make demo", "make test"]
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line.strip() for line in ci.splitlines() if line.strip().startswith("make ")]
+    assert commands == ["make test SLOW=1"], commands
+
+
+def test_make_test_skips_slow_tests_unless_slow_is_set():
+    import subprocess
+
+    def recipe(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "-W", ".venv/.dev", *args, "test"], cwd=README.parent,
+                             capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if "-m pytest" in line)
+
+    assert '-m "not slow"' in recipe() or "-m not slow" in recipe()
+    assert "not slow" not in recipe("SLOW=1")

@@ -123,6 +123,7 @@ def _replay(cfg, tmp_path: Path):
     return parts.adapter.state_dict(), res
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_fsdp2_shards_the_adapter_and_matches_the_replay_and_resumes(tmp_path):
     """The same 2-process checks with the adapter sharded by FSDP2 (torch's fully_shard over gloo)."""
     cfg = _config(tmp_path, tmp_path / "fsdp", sharding="fsdp2")
@@ -147,6 +148,7 @@ def test_fsdp2_shards_the_adapter_and_matches_the_replay_and_resumes(tmp_path):
     assert _equal(_weights(tmp_path / "b" / "rank0.safetensors"), r0)
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_two_processes_killed_mid_run_resume_to_the_uninterrupted_weights(tmp_path):
     straight = _torchrun(_config(tmp_path, tmp_path / "a", max_steps=3), tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -166,6 +168,7 @@ def test_two_processes_killed_mid_run_resume_to_the_uninterrupted_weights(tmp_pa
     assert [h["step"] for h in hist] == [2, 3]
 
 
+@pytest.mark.slow  # > 20 s; CI runs it (make test SLOW=1)
 def test_uneven_shards_stop_both_ranks_together(tmp_path):
     """Rank 1's shard holds 1 sample, rank 0's 3 (one epoch): both stop after step 1 and exit, no hang."""
     from withanyone.data.reader import iter_samples

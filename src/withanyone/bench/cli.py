@@ -69,6 +69,10 @@ def run_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
     cp_normalisation: str = typer.Option("release", help="CP angles from x/(‖x‖+1e-6) as the release's evaluator "
                                                          "(release, default) or from unit vectors (exact)."),
+    hps: Path = typer.Option(None, "--hps", help="HPSv2.1 weights file (HPS_v2.1_compressed.pt or .safetensors; "
+                                                 "needs open_clip) for MultiHuman-Testbench's HPS; none = not computed."),
+    action_scorer: str = typer.Option("", help="Local MLLM for MultiHuman-Testbench's action score: module:callable, "
+                                               "f(questions, PIL image) -> one digit per question; '' = not computed."),
 ) -> None:
     """Score methods on a benchmark and write results.jsonl, summary.json, report.md and report.html."""
     from rich.console import Console
@@ -90,7 +94,13 @@ def run_command(
     methods = []
     try:
         src = Path(bench).expanduser()
-        if src.is_dir() and not any(src.glob("*.parquet")):
+        from .multihuman import is_multihuman, read_multihuman
+
+        if src.is_dir() and is_multihuman(src):
+            b, own = read_multihuman(src, output_name=output_name, method=own_method or None)
+            if own is not None:
+                methods.append(own)
+        elif src.is_dir() and not any(src.glob("*.parquet")):
             b, own = read_folder_layout(src, output_name=output_name, caption_key=caption_key,
                                         method=own_method or None)
             if own is not None:
@@ -126,6 +136,11 @@ def run_command(
 
         model, _, head = aesthetic.partition("::")
         image_metrics.append(AestheticScorer(model, head or None, offline=offline or None))
+    if hps is not None or action_scorer:
+        from .multihuman import ActionScorer, HPSScorer
+
+        image_metrics += [HPSScorer(hps)] if hps is not None else []
+        image_metrics += [ActionScorer(action_scorer)] if action_scorer else []
     for im in image_metrics:
         if not im.available:
             console.print(f"[yellow]{im.name}: not computed: {escape(str(im.reason))}[/]", soft_wrap=True)
@@ -165,18 +180,28 @@ def _report_stale(console, summary: dict) -> None:
 
 @app.command("convert")
 def convert_command(
-    source: str = typer.Argument("WithAnyone/MultiID-Bench", help="Hub id, parquet file or folder of parquet."),
-    out: Path = typer.Option(Path("multiid-bench"), "--out", "-o", help="Folder to write the layout into."),
+    source: str = typer.Argument("WithAnyone/MultiID-Bench", help="Hub id, parquet file or folder of parquet; or "
+                                 "'multihuman-testbench' (with --repo, --faces)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder to write the layout into (default multiid-bench, "
+                                                       "or multihuman-testbench)."),
+    repo: Path = typer.Option(None, "--repo", help="multihuman-testbench: the MultiHuman-Testbench checkout."),
+    faces: Path = typer.Option(None, "--faces", help="multihuman-testbench: the downloaded faces folder "
+                                                     "(default REPO/data/faces)."),
+    limit: int = typer.Option(None, help="multihuman-testbench: only the first N prompts."),
     split: str = typer.Option("train", help="Split, for hub datasets."),
     caption_key: str = typer.Option("prompt", help="Key to store the prompt under in meta.json."),
     offline: bool = typer.Option(False, help="Never ask the hub (also when HF_HUB_OFFLINE=1 or it is "
                                              "unreachable): SOURCE must be a local file or folder."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Convert the hub parquet benchmark to the authors' per-sample folder layout."""
+    """Convert the hub parquet benchmark (or a MultiHuman-Testbench checkout) to the per-sample folder layout."""
     from ..errors import WithAnyoneError
     from .readers import convert_hub
 
+    if source == "multihuman-testbench":
+        _convert_multihuman(repo, faces, out or Path("multihuman-testbench"), limit, progress)
+        return
+    out = out or Path("multiid-bench")
     _check_out(out)
     try:
         b = convert_hub(source, out, split=split, progress=progress, caption_key=caption_key,
@@ -184,6 +209,34 @@ def convert_command(
     except WithAnyoneError as exc:
         fail(str(exc))
     typer.echo(f"{len(b)} samples {b.subsets()} → {out}")
+
+
+def _convert_multihuman(repo: Path | None, faces: Path | None, out: Path, limit: int | None, progress: bool) -> None:
+    """``bench convert multihuman-testbench``: convert, then list what is missing (not fatal)."""
+    from ..errors import WithAnyoneError
+    from .multihuman import convert_multihuman
+
+    if repo is None:
+        fail("multihuman-testbench: --repo DIR (the MultiHuman-Testbench checkout) is required")
+    _check_out(out)
+    try:
+        b, rep = convert_multihuman(repo, out, faces=faces, limit=limit, progress=progress)
+    except WithAnyoneError as exc:
+        fail(str(exc))
+    splits = {s: sum(1 for x in b if x.meta.get("split") == s) for s in ("simple", "complex")}
+    people = {k: sum(1 for x in b if x.num_persons == k) for k in sorted({x.num_persons for x in b})}
+    typer.echo(f"{len(b)} samples ({rep.written} written, {rep.kept} unchanged) {splits}, by people {people} → {out}")
+    for note in rep.notes:
+        typer.echo(f"warning: {note}", err=True)
+    if rep.missing_faces:
+        shown = ", ".join(f"{i}:{Path(f).name}" for i, f in rep.missing_faces[:10])
+        typer.echo(f"warning: {len(rep.missing_faces)} reference face(s) missing (listed in {out / 'multihuman.json'}; "
+                   f"those samples score without them): {shown}{' …' if len(rep.missing_faces) > 10 else ''}", err=True)
+    if rep.missing_poses:
+        typer.echo(f"warning: {len(rep.missing_poses)} pose image(s) missing", err=True)
+    if rep.no_prior:
+        typer.echo(f"warning: {len(rep.no_prior)} sample(s) without regional-prior boxes (--layout prior falls back "
+                   f"to the automatic layout for them); first: {rep.no_prior[0][0]}: {rep.no_prior[0][1]}", err=True)
 
 
 @app.command("report")
@@ -220,7 +273,7 @@ _GEN_HELP = {
     "pipeline": "'withanyone' (our pipeline) or module:callable, f(GenerationSample) -> PIL.Image "
                 "(a class is instantiated once per worker); see docs/bench.md.",
     "tiny": "Use the tiny random pipeline (offline; images are noise) — the whole loop on CPU.",
-    "subset": "Only this subset: p1, p2, p3 or p34 (= p3).",
+    "subset": "Only this subset: p1, p2, p3 or p34 (= p3); simple or complex (MultiHuman-Testbench).",
     "workers": "CPU workers (Ray actors, one thread each); 1 runs in this process.",
     "num_gpus": "GPUs to use: one Ray actor per device, each loading the pipeline once.",
     "address": "Ray cluster address (ray://host:10001); the package must be importable there.",
@@ -262,6 +315,8 @@ def generate_command(
     tiny: bool = typer.Option(False, help=_GEN_HELP["tiny"]),
     subset: str = typer.Option("", help=_GEN_HELP["subset"]),
     limit: int = typer.Option(None, help="At most this many samples (after --subset)."),
+    layout: str = typer.Option("prior", help="prior: the benchmark's face boxes (MultiID-Bench GT faces; "
+                                             "MultiHuman-Testbench pose heads); auto: our automatic layout."),
     seed: int = typer.Option(0, help="Base seed; each sample's seed is derived from it and its id."),
     size: int = typer.Option(None, help="Longer side of the output (GT aspect ratio kept); default 1024, tiny 64."),
     height: int = typer.Option(None, help="Fixed output height (with --width)."),
@@ -297,7 +352,8 @@ def generate_command(
                          _spec(pipeline, tiny, steps, guidance, base, adapter, memory), subset=subset or None,
                          limit=limit,
                          seed=seed, long_side=size or (64 if tiny else 1024), height=height, width=width,
-                         workers=workers, num_gpus=num_gpus, address=address or None, progress=progress)
+                         workers=workers, num_gpus=num_gpus, address=address or None, progress=progress,
+                         layout=layout)
     except WithAnyoneError as exc:
         fail(str(exc))
     typer.echo(f"{stats.generated} generated, {stats.skipped} already done, {stats.failed} failed "

@@ -34,6 +34,8 @@ from .samples import Benchmark, Sample
 
 log = logging.getLogger(__name__)
 
+#: ``--layout``: the benchmark's boxes (GT faces; MultiHuman-Testbench's pose heads) or our automatic layout.
+LAYOUTS = ("prior", "auto")
 #: Per-sample generation log (one line per finished sample, from whichever worker made it).
 LOG = "generate.log.jsonl"
 #: Subset names accepted by ``--subset`` (``p34`` is the release's name for three or four people).
@@ -127,10 +129,21 @@ def _image_size(path: Path | None) -> tuple[int, int] | None:
         return None
 
 
+def _prior_size(sample: Sample) -> tuple[int, int] | None:
+    """The size a sample's boxes refer to when it has no GT: MultiHuman-Testbench's pose image (``pose_size``)."""
+    size = sample.meta.get("pose_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
 def select_samples(bench: Benchmark, subset: str | None = None, limit: int | None = None) -> list[Sample]:
-    """The benchmark's samples of ``subset`` (p1, p2, p3 or p34), the first ``limit`` of them."""
+    """The benchmark's samples of ``subset`` (p1, p2, p3 or p34; simple or complex for MultiHuman-Testbench),
+    the first ``limit`` of them."""
     samples = list(bench)
-    if subset:
+    if subset in ("simple", "complex"):  # MultiHuman-Testbench's splits
+        samples = [s for s in samples if s.meta.get("split") == subset]
+    elif subset:
         if subset not in SUBSET_ALIASES:
             raise GenerationError(f"--subset {subset!r}: expected one of {', '.join(SUBSET_ALIASES)}")
         samples = [s for s in samples if s.subset == SUBSET_ALIASES[subset]]
@@ -140,16 +153,23 @@ def select_samples(bench: Benchmark, subset: str | None = None, limit: int | Non
 
 
 def make_requests(samples: Sequence[Sample], *, long_side: int = 1024, height: int | None = None,
-                  width: int | None = None, seed: int = 0) -> list[GenerationSample]:
+                  width: int | None = None, seed: int = 0, layout: str = "prior") -> list[GenerationSample]:
     """One :class:`GenerationSample` per sample: size (``width``/``height``, or the GT's aspect ratio at
-    ``long_side``), the GT boxes rescaled to it, the sample's fixed seed."""
+    ``long_side``), the GT boxes rescaled to it, the sample's fixed seed.
+
+    ``layout``: ``prior`` gives the benchmark's boxes (MultiID-Bench: the GT's faces; MultiHuman-Testbench:
+    the pose image's heads, whose size then sets the aspect ratio); ``auto`` gives none (the pipeline's
+    automatic layout — MultiHuman-Testbench's "in the wild" task)."""
+    if layout not in LAYOUTS:
+        raise GenerationError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     reqs = []
     for s in samples:
-        gt_size = _image_size(s.gt)
+        gt_size = _image_size(s.gt) or _prior_size(s)
         size = (width, height) if width and height else output_size(gt_size, long_side)
         reqs.append(GenerationSample(
             id=s.id, prompt=s.prompt, references=[str(p) for p in s.references],
-            boxes=rescale_boxes(s.boxes, gt_size, size), height=int(size[1]), width=int(size[0]),
+            boxes=rescale_boxes(s.boxes, gt_size, size) if layout == "prior" else None,
+            height=int(size[1]), width=int(size[0]),
             seed=sample_seed(seed, s.id), num_persons=s.num_persons, subset=s.subset,
             gt=str(s.gt) if s.gt else None,
             meta={k: v for k, v in s.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}))
@@ -476,12 +496,13 @@ def _ensure_ray(address: str | None, num_cpus: int, num_gpus: int) -> bool:
 def generate(bench: Benchmark, out_dir: str | Path, method_name: str, spec: MethodSpec | None = None, *,
              subset: str | None = None, limit: int | None = None, seed: int = 0, long_side: int = 1024,
              height: int | None = None, width: int | None = None, workers: int = 1, num_gpus: int = 0,
-             address: str | None = None, engine: str = "auto", progress: bool = True) -> GenerateStats:
+             address: str | None = None, engine: str = "auto", progress: bool = True,
+             layout: str = "prior") -> GenerateStats:
     """Generate ``method_name``'s output for every selected sample into ``out_dir``; resumable.
 
     ``engine``: ``"auto"`` (Ray Data when ``workers`` > 1, ``num_gpus`` > 0 or ``address`` is set, else in this
     process), ``"ray"`` or ``"local"``. With Ray there is one actor per GPU (``num_gpus``), else ``workers``
-    CPU actors of one thread each; every actor loads the method once.
+    CPU actors of one thread each; every actor loads the method once. ``layout``: see :func:`make_requests`.
     """
     from ..progress import track
 
@@ -499,7 +520,7 @@ def generate(bench: Benchmark, out_dir: str | Path, method_name: str, spec: Meth
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     reqs = make_requests(select_samples(bench, subset, limit), long_side=long_side, height=height, width=width,
-                         seed=seed)
+                         seed=seed, layout=layout)
     describe = spec.describe()
     todo: list[GenerationSample] = []
     reasons: Counter[str] = Counter()

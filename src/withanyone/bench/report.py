@@ -141,7 +141,15 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         "subsets": subsets, "rows": len(rows), "sample_ids": sorted({r["sample"] for r in rows}), "leaderboard": board, "failures": failures, "issues": issues,
         "problem_counts": dict(sorted(reasons.items())), "not_computed": not_computed,
         "extra": cfg.get("extra", {}), "cp_normalisation": cfg.get("cp_normalisation", "exact"), "gates": {f["name"]: f["gate"] for f in cfg.get("face_models", [])},
+        "multihuman": _multihuman_summary(rows, not_computed, models),
     }
+
+
+def _multihuman_summary(rows: list[dict[str, Any]], not_computed: dict[str, str], models: list[str]):
+    """The MultiHuman-Testbench table data (None without such rows); see ``multihuman.summarize_multihuman``."""
+    from .multihuman import summarize_multihuman
+
+    return summarize_multihuman(rows, not_computed, models)
 
 
 def _reason_kind(text: str | None) -> str:
@@ -259,6 +267,9 @@ def render_markdown(summary: dict[str, Any], plot_files: dict[str, str]) -> str:
         lines.append("")
     for fm, f in plot_files.items():
         lines += [f"![Sim(GT) vs CP, {fm}]({f})", ""]
+    from .multihuman import markdown as multihuman_markdown
+
+    lines += multihuman_markdown(summary.get("multihuman"))
     lines += _problems_md(summary)
     return "\n".join(lines) + "\n"
 
@@ -389,6 +400,9 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
             parts += [f"<tr><td>{e(sub)}</td><td>{e(m)}</td><td class='num'>{v:.4f}</td></tr>"
                       for m, v in per.items()]
         parts.append("</table>")
+    from .multihuman import html_section as multihuman_html
+
+    parts.append(multihuman_html(summary.get("multihuman")))
     parts.append("<h2>Identity fidelity vs copy-paste</h2>")
     for fm, png in plots.items():
         parts.append(f"<img class='plot' alt='Sim(GT) vs CP, {e(fm)}' "

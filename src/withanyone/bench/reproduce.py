@@ -34,6 +34,10 @@ def load_benchmark(source: str | Path, caption_key: str = "prompt", split: str =
     from .readers import read_folder_layout, read_hub
 
     src = Path(source)
+    from .multihuman import is_multihuman, read_multihuman
+
+    if src.is_dir() and is_multihuman(src):
+        return read_multihuman(src)
     if src.is_dir() and not any(src.glob("*.parquet")):
         return read_folder_layout(src, output_name=None, caption_key=caption_key)[0]
     return read_hub(str(source), split=split, progress=progress)

@@ -444,6 +444,10 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
         path = method.outputs.get(sample.id)
         out = fm.cache.faces(path) if path is not None else CachedFaces(None, error="no output for this sample")
         row = score_output(sample, method.name, fm, out, gt, refs, ref_issues, path, cp_normalisation)
+        if sample.meta.get("source") == "multihuman-testbench":  # its count / Hungarian ID, same detections
+            from .multihuman import score_multihuman
+
+            row.update(score_multihuman(sample, out, refs, row))
         if image_metrics and path is not None and not out.error:
             memo = image_memo.get((sample.id, method.name))
             if memo is None:

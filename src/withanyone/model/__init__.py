@@ -5,6 +5,7 @@ from withanyone.model.attention import IdentityCrossAttention
 from withanyone.model.bfl import load_bfl_single_file, load_bfl_transformer
 from withanyone.model.checkpoint import CheckpointError, LoadReport, split_authors_state_dict
 from withanyone.model.encoders import ArcFaceTokenEncoder, SiglipTokenEncoder
+from withanyone.model.kontext import load_kontext_adapter
 from withanyone.model.masks import InvalidBoxError, box_coverage, build_identity_mask, token_grid
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "split_authors_state_dict",
+    "load_kontext_adapter",
     "load_bfl_transformer",
     "load_bfl_single_file",
     "InvalidBoxError",

@@ -122,12 +122,13 @@ def resolve_kontext_checkpoint(source: str | Path, variant: str = "Ke", adapter_
         return cand
     text = str(source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
-        from ..hub import download_hint
+        from ..hub import download_hint, hub_offline
 
+        offline = bool(local_files_only) or hub_offline()
         try:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(text, fname, revision=revision, local_files_only=local_files_only))
+            return Path(hf_hub_download(text, fname, revision=revision, local_files_only=offline))
         except Exception as exc:  # offline, gated, missing file: one line naming the file
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotFoundError(

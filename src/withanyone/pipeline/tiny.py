@@ -200,3 +200,21 @@ def tiny_kontext_pipeline(seed: int = 0, face_analyzer: Any = "dlib", variant: s
     pipe.model_sources = {"tiny": {"seed": seed, "variant": variant,
                                    "note": "tiny random components: images are noise"}}
     return pipe
+
+
+def write_tiny_kontext_files(folder: Any, seed: int = 0, variant: str = "Ke",
+                             arcface_dim: int = TINY_ARCFACE_DIM) -> tuple[Any, Any]:
+    """Write a tiny FLUX.1-Kontext base in diffusers' layout (``folder/base``) and a tiny K/Ke adapter file in the
+    release layout under its assumed hub name (``folder/adapter/``); returns (base folder, adapter file), ready for
+    ``WithAnyoneKontextPipeline.from_pretrained(base, adapter=file, variant=variant)``."""
+    from pathlib import Path
+
+    from diffusers import FluxKontextPipeline
+
+    from ..model.kontext import KONTEXT_FILES
+
+    root = Path(folder)
+    base = root / "base"
+    FluxKontextPipeline(**get_dummy_components(seed)).save_pretrained(base)
+    adapter = write_tiny_kontext_checkpoint(root / "adapter" / KONTEXT_FILES[variant], seed, variant, arcface_dim)
+    return base, adapter
