@@ -85,15 +85,30 @@ class BenchResults:
         """Methods present in the rows."""
         return sorted({r["method"] for r in self.rows})
 
+    def failure(self, row: dict[str, Any]) -> Any:
+        """The row's failure taxonomy (``withanyone.bench.taxonomy.Taxonomy``), None when not classifiable."""
+        from ..bench.taxonomy import classify_row, thresholds_by_model
+
+        th = thresholds_by_model(self.run.get("face_models", []), [row["face_model"]]).get(row["face_model"])
+        return classify_row(row, th) if th is not None else None
+
     def sample_list(self, face_model: str, subset: str | None = None, sort_by_cp: str = "none",
-                    method: str | None = None) -> list[tuple[str, str]]:
-        """``(label, sample id)`` pairs, filtered by subset and sorted by CP (``desc``/``asc``; of ``method``,
-        else the sample's highest CP); samples without CP go last."""
+                    method: str | None = None, failure: str | None = None) -> list[tuple[str, str]]:
+        """``(label, sample id)`` pairs, filtered by subset and failure label (a taxonomy label or ``none``:
+        some row of the sample — of ``method`` when given — carries it) and sorted by CP (``desc``/``asc``; of
+        ``method``, else the sample's highest CP); samples without CP go last."""
         by: dict[str, list[dict[str, Any]]] = {}
         for r in self.rows:
             if r["face_model"] != face_model or (subset not in (None, "", "all") and str(r.get("subset")) != subset):
                 continue
             by.setdefault(r["sample"], []).append(r)
+        if failure not in (None, "", "any"):
+            def carries(r: dict[str, Any]) -> bool:
+                t = self.failure(r)
+                return t is not None and (t.primary == failure if failure == "none" else failure in t.labels)
+
+            by = {sid: rows for sid, rows in by.items()
+                  if any(carries(r) for r in rows if method in (None, "", "any") or r["method"] == method)}
 
         def cp_of(rows: list[dict[str, Any]]) -> float | None:
             vals = [r["cp"] for r in rows if r.get("cp") is not None and (method in (None, "", "any")

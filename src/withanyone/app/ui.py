@@ -336,6 +336,8 @@ def _bench_tab() -> None:
         subset = gr.Dropdown(["all"], value="all", label="subset", elem_id="bench_subset")
         sort = gr.Radio(["none", "desc", "asc"], value="desc", label="sort by CP", elem_id="bench_sort")
         method = gr.Dropdown(["any"], value="any", label="CP of method", elem_id="bench_method")
+        failure = gr.Dropdown(["any", "missing", "extra", "dominance", "swap", "blending", "drift", "none"],
+                              value="any", label="failure label", elem_id="bench_failure")
     sample = gr.Dropdown([], label="sample", elem_id="bench_sample")
     info = gr.Markdown(elem_id="bench_info")
     with gr.Row():
@@ -359,10 +361,10 @@ def _bench_tab() -> None:
                 gr.update(choices=fms, value=fms[0]), gr.update(choices=["all", *res.subsets], value="all"),
                 gr.update(choices=["any", *res.methods], value="any"))
 
-    def do_list(res, fm, sub, srt, meth):
+    def do_list(res, fm, sub, srt, meth, fail="any"):
         if res is None or not fm:
             return gr.update(choices=[], value=None)
-        items = res.sample_list(fm, sub, srt, meth)
+        items = res.sample_list(fm, sub, srt, meth, fail)
         return gr.update(choices=items, value=items[0][1] if items else None)
 
     def do_show(res, fm, sid):
@@ -384,6 +386,8 @@ def _bench_tab() -> None:
             im = open_image(v.row.get("output"), [f.box for f in v.faces], labels)
             head = (f"{v.method}: Sim(GT) {fmt(v.row.get('sim_gt'))} · Sim(Ref) {fmt(v.row.get('sim_ref'))} · "
                     f"CP {fmt(v.row.get('cp'))}" + ("" if v.row.get("status") == "ok" else f" · {v.row.get('reason')}"))
+            tax = res.failure(v.row)
+            head += "" if tax is None else f" · failure: {', '.join(tax.labels) or 'none'}"
             if im is not None:
                 out_imgs.append((im, head))
             for f in v.faces:
@@ -396,7 +400,7 @@ def _bench_tab() -> None:
         return text, gt_img, ref_imgs, out_imgs, rows
 
     open_btn.click(do_open, folder, [state, msg, face_model, subset, method]).then(
-        do_list, [state, face_model, subset, sort, method], sample)
-    for c in (face_model, subset, sort, method):
-        c.change(do_list, [state, face_model, subset, sort, method], sample)
+        do_list, [state, face_model, subset, sort, method, failure], sample)
+    for c in (face_model, subset, sort, method, failure):
+        c.change(do_list, [state, face_model, subset, sort, method, failure], sample)
     sample.change(do_show, [state, face_model, sample], [info, gt, refs, outs, table])

@@ -158,6 +158,10 @@ def run_command(
         console.print(f"[yellow]{stats.rows_rescored} rows rescored because their inputs changed[/] ({why})",
                       soft_wrap=True)
     console.print(f"{len(summary['failures'])} failures, problems {summary['problem_counts']}")
+    from .taxonomy import taxonomy_lines
+
+    for line in taxonomy_lines(summary):
+        console.print(line)
     console.print(f"report: {out / 'report.html'}")
     _report_stale(console, summary)
     total = stats.rows_written + stats.rows_skipped

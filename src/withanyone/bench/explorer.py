@@ -33,6 +33,11 @@ function sortExplorer(col){
     const av=isNaN(a)?Infinity:a,cv=isNaN(c)?Infinity:c;return asc?av-cv:cv-av;});
   rows.forEach(function(r){b.appendChild(r);});t.dataset.col=String(col);t.dataset.dir=asc?'asc':'desc';
 }
+function filterExplorer(label){
+  const rows=document.getElementById('explorer').tBodies[0].rows;
+  for(const r of rows){const l=(r.dataset.labels||'').split(' ');
+    r.style.display=(label==='all'||l.indexOf(label)>=0)?'':'none';}
+}
 """
 
 
@@ -71,6 +76,14 @@ def explorer_rows(out_dir: str | Path, face_model: str, max_samples: int | None 
     info_path = out_dir / "samples.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     rows = [r for r in current_results(out_dir)[0] if r["face_model"] == face_model]
+    from .taxonomy import classify_row, thresholds_by_model
+
+    try:
+        run_cfg = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        run_cfg = {}
+    th = thresholds_by_model(run_cfg.get("face_models", []) if isinstance(run_cfg, dict) else [],
+                             [face_model]).get(face_model)
     keep = list(dict.fromkeys(r["sample"] for r in rows))
     if max_samples is not None:
         keep = keep[:max_samples]
@@ -107,12 +120,20 @@ def explorer_rows(out_dir: str | Path, face_model: str, max_samples: int | None 
             "reason": r.get("reason"), "count_acc": r.get("count_acc"), "sim_gt": r.get("sim_gt"),
             "sim_ref": r.get("sim_ref"), "cp": r.get("cp"), "identity_confusion": r.get("identity_confusion"),
             "faces": faces,
+            **_failure(classify_row(r, th) if th is not None else None),
             "gt": boxed_thumb(meta.get("gt"), gt_boxes, gt_col),
             "refs": [boxed_thumb(p, ref_boxes[k] if k < len(ref_boxes) else None, ref_col[k])
                      for k, p in enumerate(refs)],
             "output": boxed_thumb(r.get("output"), r.get("out_boxes"), [_colour(i) for i in range(n_out)]),
         })
     return result
+
+
+def _failure(t: Any) -> dict[str, Any]:
+    """The explorer's taxonomy fields of one row: primary label (None: not classified), all labels, slots."""
+    if t is None:
+        return {"failure": None, "failure_labels": [], "slots": []}
+    return {"failure": t.primary, "failure_labels": list(t.labels), "slots": list(t.slots)}
 
 
 def _num(v: Any) -> str:
@@ -142,12 +163,13 @@ def render_explorer(rows: list[dict[str, Any]], face_model: str) -> str:
     e = html.escape
     cols = [("sample", "sample"), ("method", "method"), ("subset", "subset"), ("num_persons", "people"),
             ("out_faces", "faces"), ("count_acc", "count ok"), ("sim_gt", "Sim(GT)"), ("sim_ref", "Sim(Ref)"),
-            ("cp", "CP"), ("identity_confusion", "ID confusion")]
+            ("cp", "CP"), ("identity_confusion", "ID confusion"), ("failure", "failure")]
     head = "".join(f"<th class='sort' onclick='sortExplorer({k})'>{e(label)}</th>" for k, (_, label) in enumerate(cols))
     parts = [f"<h2>Per-sample explorer · face model {e(face_model)}</h2>",
              "<p class='note'>Click a header to sort. Box colours tie each generated face to the GT face and the "
              "reference it was matched to (grey: unmatched). Per face: cosine to its GT face / reference, CP, "
              "nearest reference (by cosine) and whether it stands where another person should be.</p>",
+             _filter_html(rows),
              f"<table id='explorer'><thead><tr>{head}<th>GT</th><th>references</th><th>output</th>"
              "<th>per face</th></tr></thead><tbody>"]
     for r in rows:
@@ -161,11 +183,25 @@ def render_explorer(rows: list[dict[str, Any]], face_model: str) -> str:
         per_face = ("<table><tr><th>face</th><th>sim GT</th><th>sim ref</th><th>CP</th><th>nearest</th>"
                     f"<th>placed as</th><th>confused</th></tr>{face_rows}</table>" if r["faces"] else
                     f"<span class='fail'>{e(str(r['reason'] or 'no faces'))}</span>")
-        parts.append(f"<tr title='{e(r['prompt'], quote=True)}'>{cells}<td>{_img(r['gt'], 'GT')}</td>"
+        labels = " ".join(r.get("failure_labels") or ([r["failure"]] if r.get("failure") else ["unclassified"]))
+        parts.append(f"<tr title='{e(r['prompt'], quote=True)}' data-labels='{e(labels, quote=True)}'>{cells}<td>{_img(r['gt'], 'GT')}</td>"
                      f"<td>{''.join(_img(u, 'reference') for u in r['refs'])}</td>"
                      f"<td>{_img(r['output'], 'output')}</td><td>{per_face}</td></tr>")
     parts.append("</tbody></table>")
     return "".join(parts)
+
+
+def _filter_html(rows: list[dict[str, Any]]) -> str:
+    """A select that shows only the rows carrying one failure label (the taxonomy's, ``none``, unclassified)."""
+    from .taxonomy import LABELS, NONE
+
+    counts = {lab: sum(lab in (r.get("failure_labels") or []) for r in rows) for lab in LABELS}
+    counts[NONE] = sum(r.get("failure") == NONE for r in rows)
+    counts["unclassified"] = sum(r.get("failure") is None for r in rows)
+    opts = "".join(f"<option value='{lab}'>{lab} ({n})</option>" for lab, n in counts.items())
+    return ("<p class='note'>Failure label: <select id='explorer_filter' onchange='filterExplorer(this.value)'>"
+            f"<option value='all'>all ({len(rows)})</option>{opts}</select> (the failure column shows the primary "
+            "label; a row may carry several)</p>")
 
 
 def explorer_html(out_dir: str | Path, face_model: str, max_samples: int | None = 200) -> str:

@@ -134,7 +134,11 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
     for r in stale:
         for w in r["why"]:
             stale_by_method[r["method"]][w] += 1
+    from .taxonomy import taxonomy_summary
+
+    taxonomy = taxonomy_summary(rows, cfg.get("face_models", []), methods, cfg.get("benchmark"))
     return {
+        "taxonomy": taxonomy,
         "stale": stale, "stale_methods": {m: dict(v) for m, v in stale_by_method.items()},
         "fid": fid,
         "benchmark": cfg.get("benchmark"), "face_models": cfg.get("face_models", []), "methods": methods,
@@ -244,7 +248,8 @@ def _thumb(path: str | Path | None, boxes: list | None = None, height: int = 120
 # ---------------------------------------------------------------------------------------------- markdown
 
 
-def render_markdown(summary: dict[str, Any], plot_files: dict[str, str]) -> str:
+def render_markdown(summary: dict[str, Any], plot_files: dict[str, str],
+                    failure_files: dict[str, str] | None = None) -> str:
     """The report as Markdown (tables ready to paste)."""
     lines = [f"# MultiID-Bench report — {summary.get('benchmark') or ''}", ""]
     lines += _notes(summary)
@@ -270,6 +275,9 @@ def render_markdown(summary: dict[str, Any], plot_files: dict[str, str]) -> str:
     from .multihuman import markdown as multihuman_markdown
 
     lines += multihuman_markdown(summary.get("multihuman"))
+    from .taxonomy import taxonomy_md
+
+    lines += taxonomy_md(summary, failure_files)
     lines += _problems_md(summary)
     return "\n".join(lines) + "\n"
 
@@ -361,7 +369,7 @@ function sortGallery(col){
 
 
 def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[dict[str, Any]] | None,
-                extra_html: str = "") -> str:
+                extra_html: str = "", failure_plots: dict[str, bytes] | None = None) -> str:
     """The self-contained HTML report (inline CSS, JS and base64 images; all text escaped)."""
     e = html.escape
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -407,6 +415,9 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], gallery: list[
     for fm, png in plots.items():
         parts.append(f"<img class='plot' alt='Sim(GT) vs CP, {e(fm)}' "
                      f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>")
+    from .taxonomy import taxonomy_html
+
+    parts.append(taxonomy_html(summary, failure_plots))
     parts.append("<h2>Problems</h2><ul>")
     if not summary["problem_counts"]:
         parts.append("<li>none</li>")
@@ -518,11 +529,18 @@ def write_reports(out_dir: str | Path, paper_points: bool = False, gallery: bool
         name = f"tradeoff_{fm}.png"
         atomic_write_bytes(out_dir / name, png)
         plot_files[fm] = name
+    from .taxonomy import failure_plots
+
+    fplots = failure_plots(summary)
+    failure_files = {}
+    for fm, png in fplots.items():
+        atomic_write_bytes(out_dir / f"failures_{fm}.png", png)
+        failure_files[fm] = f"failures_{fm}.png"
     atomic_write_json(out_dir / "summary.json", summary)
-    atomic_write_text(out_dir / "report.md", render_markdown(summary, plot_files))
+    atomic_write_text(out_dir / "report.md", render_markdown(summary, plot_files, failure_files))
     gal = build_gallery(out_dir, models[0], max_gallery) if gallery and models else None
     from .explorer import explorer_html
 
     extra = explorer_html(out_dir, models[0], max_gallery) if gallery and models else ""
-    atomic_write_text(out_dir / "report.html", render_html(summary, plots, gal, extra))
+    atomic_write_text(out_dir / "report.html", render_html(summary, plots, gal, extra, fplots))
     return summary

@@ -25,6 +25,7 @@ from ..io import FileDigests, append_jsonl, atomic_write_json, read_jsonl
 from .cache import REF_PAD, CachedFaces, EmbeddingCache, repair_jsonl
 from .metrics import PAPER_CP_GATE, score_faces
 from .samples import Benchmark, MethodOutputs, Sample
+from .taxonomy import missing_data
 
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run.json"
@@ -290,6 +291,8 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         "cp": None, "cp_faces": [], "cp_gate_pass": None, "count_mismatch": False,
         "cp_normalisation": cp_normalisation, "count_acc": None, "identity_confusion": None, "confusion_faces": [],
     }
+    if sample.meta.get("source"):  # the benchmark a sample comes from (the taxonomy plot's panels)
+        row["source"] = str(sample.meta["source"])
     if sample.meta.get("_meta_error"):
         row["issues"].append(str(sample.meta["_meta_error"]))
     if out.error or not out.faces:
@@ -335,6 +338,13 @@ def score_output(sample: Sample, method: str, model: FaceModel, out: CachedFaces
         if people is not None and len(people) == len(ref_emb):
             conf, per_face = identity_confusion(out.embeddings, out.boxes, people, np.stack(ref_emb))
             row.update(identity_confusion=conf, confusion_faces=per_face, person_boxes=people)
+        from .taxonomy import slot_boxes_for, slot_data
+
+        slots = slot_boxes_for(sample.boxes if sample.gt is None else None, sample.meta, out.size,
+                               people if people is not None and len(people) == len(ref_emb) else None)
+        if slots is not None and len(slots) == len(ref_emb):  # failure taxonomy: per-slot similarity vectors
+            row.update(slot_data(out.embeddings, out.boxes, slots, np.stack(ref_emb)))
+    row.setdefault("slot_sims", None)
     row.update(sim_gt=s.sim_gt, sim_ref=s.sim_ref, sim_gt_unmatched=s.sim_gt_unmatched,
                sim_ref_unmatched=s.sim_ref_unmatched, cp_faces=s.cp_faces,
                gt_pairs=s.gt_pairs, ref_pairs=s.ref_pairs)
@@ -411,7 +421,7 @@ def run_benchmark(bench: Benchmark, methods: Sequence[MethodOutputs], out_dir: s
                 inputs = row_inputs(s, m, fm, digests, settings[fm.name])
                 old = prior.get((s.id, m.name, fm.name))
                 if old is not None:
-                    why = changed_inputs(old.get("inputs"), inputs)
+                    why = changed_inputs(old.get("inputs"), inputs) or missing_data(old)
                     if not why:
                         if unscorable(old):
                             failed[str(old.get("reason"))] += 1
