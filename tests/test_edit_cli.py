@@ -55,6 +55,9 @@ def test_edit_refuses_bad_input_in_one_line(shared_faces, tmp_path, nothing_load
         ([group / "3.jpg", "-r", obama, "-p", "x", "--out", tmp_path / "o.gif"], "error: --out"),
         ([group / "3.jpg", "-r", obama, *ok, "--save-condition", tmp_path / "o.png"], "error: --save-condition"),
         ([group / "3.jpg", "-r", obama, *ok, "--size", "100"], "error: --size 100: must be a positive multiple of 16"),
+        # without --tiny: the Kontext base is checked before the face model or any weights load
+        ([group / "3.jpg", "-r", obama, "-p", "x", "--base", tmp_path / "no-kontext", "--out", tmp_path / "o.png"],
+         f"error: FLUX base: {tmp_path / 'no-kontext' / 'model_index.json'} is missing"),
         # the photo's faces decide: 2 faces for 1 person without --replace, a face number that does not exist
         ([group / "3.jpg", "-r", obama, *ok], f"error: PHOTO {group / '3.jpg'}: 2 face(s) for 1 --ref; say which "
                                                "faces to replace with --replace (numbers 0–1"),
