@@ -107,6 +107,7 @@ def test_tiny_edit_writes_image_condition_and_sidecar(shared_faces, tmp_path, dl
     said = " ".join(res.stderr.split())
     assert f"wrote {out} (128x128) and {out.with_suffix('.json')}; replaced faces 0,1; seed 3" in said
     assert f"condition image {cond}" in said and "NOISE" in said
+    assert "blur threshold" not in said  # faces of 178 and 213 px: blurred
     assert Image.open(out).size == (128, 128) and Image.open(cond).size == (128, 128)
     side = json.loads(out.with_suffix(".json").read_text())
     assert list(side)[:len(GENERATE_KEYS)] == GENERATE_KEYS
@@ -232,3 +233,22 @@ def test_edit_loads_a_kontext_folder_and_ke_file_from_disk(tmp_path):
     assert side["models"]["base"]["path"] == str((tmp_path / "kontext").resolve())
     assert side["models"]["face_pack"] == str(tmp_path / "pack") and side["dtype"] == "float32"
     assert side["edit_plan"]["keep_unreplaced"] is True and Image.open(tmp_path / "e.png").size == (64, 64)
+
+
+def test_faces_too_small_for_the_release_blur_are_warned(samples_dir, tmp_path):
+    """The bundled ≤ 512 px copy of group/2.jpg: its faces are under the release's 100 px blur threshold, so the
+    release's blur leaves them as they are, and the command says so."""
+    res, _ = _run(["edit", samples_dir / "group" / "2.jpg", "-r", samples_dir / "obama" / "1.jpg", "--replace", "1",
+                   "-p", "a man", "--tiny", "--steps", "1", "--no-progress", "--out", tmp_path / "e.png",
+                   "--save-condition", tmp_path / "c.png"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    said = " ".join(res.stderr.split())
+    assert "warning: face 1 (" in said and "under the release's 100 px blur threshold, so not blurred" in said
+    plan = json.loads((tmp_path / "e.json").read_text())["edit_plan"]
+    t = plan["transform"]
+    canvas = np.asarray(Image.open(samples_dir / "group" / "2.jpg").convert("RGB").crop(
+        (t["left"], t["top"], t["left"] + t["crop_w"], t["top"] + t["crop_h"])).resize((128, 128), Image.LANCZOS),
+        dtype=np.float32)
+    x1, y1, x2, y2 = plan["face_boxes"][1]
+    seen = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"), dtype=np.float32)
+    assert np.abs(seen - canvas)[y1:y2, x1:x2].mean() < 1.0  # the face is the photo's own

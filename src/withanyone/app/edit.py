@@ -182,7 +182,7 @@ class Editor:
         """Replace the faces of ``base_path`` that ``assignment`` gives a person (one entry per detected face: a
         person's name or None to keep it). Yields ``{"step", "total"}`` after each step, then ``{"done": True,
         "image", "before", "condition", "boxes", "replace", "seed", "image_path", "sidecar_path", "sidecar",
-        "seconds"}``. ``canvas``/``keep_unreplaced``/``feather``: the pipeline's options (release: square, every
+        "seconds", "warning"}`` (``warning``: replaced faces too small for the release's blur, or None). ``canvas``/``keep_unreplaced``/``feather``: the pipeline's options (release: square, every
         face blurred, hard edge). Raises ``ValueError`` for bad requests and :class:`Cancelled`."""
         if not base_path:
             raise ValueError("upload the photo to edit first")
@@ -262,10 +262,13 @@ class Editor:
         sidecar_path = write_image_and_sidecar(out, image, sidecar)
         plan = getattr(result, "edit", None)
         before = plan.canvas if plan is not None else None
+        from ..pipeline.edit_cli import unblurred_warning
+
+        warning = unblurred_warning(plan) if plan is not None else None
         yield {"done": True, "image": image, "before": before if before is not None else Image.fromarray(base.image),
                "condition": condition_image(result), "boxes": list(result.boxes), "replace": replace,
                "seed": result.seed, "image_path": str(out), "sidecar_path": str(sidecar_path), "sidecar": sidecar,
-               "seconds": seconds, "steps": int(steps), "names": [p.name for p in chosen]}
+               "seconds": seconds, "steps": int(steps), "names": [p.name for p in chosen], "warning": warning}
 
 
 def kontext_missing_message(exc: BaseException, opts: KontextOptions) -> str:
@@ -400,7 +403,7 @@ def build_edit_tab(editor: Editor, names: Sequence[Any], photos: Sequence[Any], 
                     w, h = ev["image"].size
                     who = ", ".join(f"face {i} → {nm}" for i, nm in zip(ev["replace"], ev["names"], strict=True))
                     msg = (f"✓ done: denoising step {ev['steps']}/{ev['steps']} · seed **{ev['seed']}** · {w}×{h} · "
-                           f"{ev['seconds']:.1f} s · {who}")
+                           f"{ev['seconds']:.1f} s · {who}" + (f"\n\n⚠ {ev['warning']}" if ev["warning"] else ""))
                     yield (ev["before"], ev["image_path"], ev["condition"], msg,
                            [ev["image_path"], ev["sidecar_path"]], ev["seed"])
                 else:

@@ -119,6 +119,37 @@ def cli_words(message: str, photo: Path) -> str:
     return message if str(photo) in message or photo.name in message else f"{photo}: {message}"
 
 
+def _edit_message(exc: BaseException, photo: Path) -> str:
+    """The one-line message for ``exc``: the edit preprocessing's in the CLI's words and naming the photo; others
+    (a reference without a face, ...) as they are, since they name their own file."""
+    from .edit import EditError
+
+    return cli_words(str(exc), photo) if isinstance(exc, EditError) else str(exc)
+
+
+def unblurred_replaced(plan: Any) -> list[tuple[int, int]]:
+    """``(face number, shorter side in photo px)`` of the replaced faces the release's blur skips: it blurs only
+    faces at least ``min_blur_face`` (100) photo pixels on both sides, so on a small photo the model sees the
+    original face where the new person should go."""
+    limit = float(plan.options.get("min_blur_face", 100.0))
+    out = []
+    for i in plan.replaced:
+        x1, y1, x2, y2 = plan.transform.to_photo([plan.face_boxes[i]])[0]  # the region blur_faces is given
+        if x2 - x1 < limit or y2 - y1 < limit:
+            out.append((i, int(min(x2 - x1, y2 - y1))))
+    return out
+
+
+def unblurred_warning(plan: Any) -> str | None:
+    """A warning naming the replaced faces left unblurred (see :func:`unblurred_replaced`), or None."""
+    small = unblurred_replaced(plan)
+    if not small:
+        return None
+    what = ", ".join(f"face {i} ({side} px)" for i, side in small)
+    return (f"{what}: under the release's {plan.options.get('min_blur_face', 100):.0f} px blur threshold, so not "
+            "blurred: the model sees the original face there (a larger photo of the scene avoids this)")
+
+
 def face_lines(faces: Sequence[Any], size: tuple[int, int],
                canvas_boxes: Sequence[Sequence[float]] | None = None) -> list[str]:
     """One line per detected face, as ``--list-faces`` prints them: number, box in the photo, size, where,
@@ -277,15 +308,16 @@ def edit_command(
         from .edit import prepare_edit
 
         # the whole preprocessing, before any model loads: faces that cannot be squared, boxes off the canvas
-        prepare_edit(photo, len(refs), faces=faces, replace=replace_v, boxes=boxes, canvas=canvas, size=side,
-                     keep_unreplaced=keep_unreplaced, feather=feather)
+        plan = prepare_edit(photo, len(refs), faces=faces, replace=replace_v, boxes=boxes, canvas=canvas, size=side,
+                            keep_unreplaced=keep_unreplaced, feather=feather)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             references = _references(refs, analyzer, tiny, False)
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:
-        raise fail(cli_words(str(exc), photo)) from exc
-    for w in caught:
-        console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+        raise fail(_edit_message(exc, photo)) from exc
+    small = unblurred_warning(plan)
+    for message in [str(w.message) for w in caught] + ([small] if small else []):
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     import torch
 
@@ -317,7 +349,7 @@ def edit_command(
                           size=side, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           step_callback=lambda i, n: bar.update(task, completed=i))
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
-        raise fail(cli_words(str(exc), photo)) from exc
+        raise fail(_edit_message(exc, photo)) from exc
 
     from ..io import atomic_write_bytes
     from .edit import photo_sha256
