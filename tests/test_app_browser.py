@@ -251,6 +251,10 @@ def test_edit_tab_replaces_a_face_in_a_real_browser(studio_url, shared_faces, tm
         assert Image.open(io.BytesIO(png)).size == (128, 128)
         assert sidecar["mode"] == "edit" and sidecar["replace"] == [1] and sidecar["names"] == ["biden"]
         assert sidecar["steps"] == 2 and sidecar["boxes"] == [sidecar["edit_plan"]["face_boxes"][1]]
+        import hashlib
+
+        # the upload reaches the pipeline byte for byte: the sidecar's hash is the user's file's
+        assert sidecar["base_sha256"] == hashlib.sha256((shared_faces / "group" / "2.jpg").read_bytes()).hexdigest()
 
         page.get_by_text("what the model saw").click()
         expect(page.locator("#edit_condition img")).to_be_visible()

@@ -107,3 +107,10 @@ def test_missing_kontext_weights_are_a_message(editor, tmp_path):
     assert "hf download" not in str(err.value) and "--kontext-adapter" in str(err.value)  # local paths: no hub hint
     with pytest.raises(ValueError, match="could not be loaded"):  # remembered, not retried on every click
         missing.pipeline()
+
+
+def test_small_faces_left_unblurred_are_warned(editor, samples_dir, duo):
+    """The bundled ≤ 512 px group photo: its faces are under the release's 100 px blur threshold."""
+    done = list(editor.edit("x", duo, str(samples_dir / "group" / "2.jpg"), [None, "obama", None], steps=1,
+                            guidance=4.0, seed=1))[-1]
+    assert done["warning"].startswith("face 1 (") and "not blurred" in done["warning"]
