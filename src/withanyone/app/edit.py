@@ -132,7 +132,7 @@ class Editor:
         if self.options.tiny:
             from ..pipeline.tiny import tiny_kontext_pipeline
 
-            pipe = tiny_kontext_pipeline(face_analyzer=self.studio.analyzer)
+            pipe = tiny_kontext_pipeline(face_analyzer=self.studio.analyzer).to(self.studio.models.device)
         else:
             from ..pipeline.kontext import WithAnyoneKontextPipeline
 

@@ -333,7 +333,7 @@ def edit_command(
         pipe = load_kontext(resolve_kontext_base(base), adapter, "Ke", adapter_file=adapter_file, siglip=None,
                              analyzer=analyzer, face_pack=face_pack, torch_dtype=getattr(torch, dtype),
                              offline=offline, console=console, fail=fail)
-        pipe.to(device)
+    pipe.to(device)  # (--tiny too: the sidecar's device is where it ran)
     pipe.set_progress_bar_config(disable=True)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
