@@ -1,4 +1,4 @@
-"""Command line: ``withanyone faces | bench | build-dataset | generate | train | app``.
+"""Command line: ``withanyone faces | bench | build-dataset | generate | edit | train | app``.
 
 Thin over library functions; each subcommand lives with its package (``<pkg>/cli.py``) and is imported
 only when run, so ``withanyone faces`` never pays for torch or ray.
@@ -30,6 +30,7 @@ def _register_optional() -> None:
         ("bench", "withanyone.bench.cli", "app", "group"),
         ("build-dataset", "withanyone.data.cli", "build_dataset_command", "command"),
         ("generate", "withanyone.pipeline.cli", "generate_command", "command"),
+        ("edit", "withanyone.pipeline.edit_cli", "edit_command", "command"),
         ("train", "withanyone.train.cli", "train_command", "command"),
         ("app", "withanyone.app.cli", "app_command", "command"),
     ]:

@@ -85,10 +85,11 @@ def _reset() -> None:
 
 
 #: Hub repos behind a licence click-through: accept it on the repo page and log in before downloading.
-GATED_REPOS = frozenset({"black-forest-labs/FLUX.1-dev", "briaai/RMBG-2.0"})
+GATED_REPOS = frozenset({"black-forest-labs/FLUX.1-dev", "briaai/RMBG-2.0", "black-forest-labs/FLUX.1-Kontext-dev"})
 #: Files a download of the repo can leave out: FLUX.1-dev's original-format single files (diffusers reads the
 #: component folders), 23.8 GB + 0.3 GB.
-SKIPPABLE_FILES = {"black-forest-labs/FLUX.1-dev": ("flux1-dev.safetensors", "ae.safetensors")}
+SKIPPABLE_FILES = {"black-forest-labs/FLUX.1-dev": ("flux1-dev.safetensors", "ae.safetensors"),
+                   "black-forest-labs/FLUX.1-Kontext-dev": ("flux1-kontext-dev.safetensors", "ae.safetensors")}
 
 
 def download_command(repo: str, files: tuple[str, ...] | list[str] = (), local_dir: str | None = None) -> str:

@@ -19,11 +19,16 @@ def launch(opts: LoadOptions, host: str = "127.0.0.1", port: int = 7860, share: 
     """Load the models (or record why not), build the UI and serve it; returns the Blocks when not blocking."""
     import tempfile
 
+    from .edit import Editor, KontextOptions
     from .ui import blocks_css_kwargs, build_ui
 
     models = load_models(opts)
     studio = Studio(models, out_dir or tempfile.mkdtemp(prefix="withanyone-studio-"))
-    demo = build_ui(studio)
+    editor = Editor(studio, KontextOptions(base=opts.kontext_base, adapter=opts.kontext_adapter,
+                                           adapter_file=opts.kontext_adapter_file, face_pack=opts.face_pack,
+                                           tiny=opts.tiny,
+                                           offline=opts.offline))
+    demo = build_ui(studio, editor)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                 allowed_paths=[str(studio.out_dir)], show_error=True, quiet=False, **blocks_css_kwargs(demo.launch))

@@ -25,8 +25,15 @@ def app_command(
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random model, no weights needed (images are noise)."),
     out: str | None = typer.Option(None, "--out", help="Folder for generated images and sidecars (default: a temp "
                                    "folder)."),
+    kontext_base: str = typer.Option("black-forest-labs/FLUX.1-Kontext-dev", "--kontext-base", help="Edit tab: "
+                                     "FLUX.1 Kontext hub id or diffusers folder (loaded on the first edit)."),
+    kontext_adapter: str = typer.Option("WithAnyone/WithAnyone", "--kontext-adapter", help="Edit tab: the "
+                                        "WithAnyone.Ke adapter (hub id, folder or .safetensors)."),
+    kontext_adapter_file: str | None = typer.Option(None, "--kontext-adapter-file", help="Edit tab: file name of "
+                                                    "the Ke checkpoint inside --kontext-adapter (default: the "
+                                                    "release's)."),
 ) -> None:
-    """Serve WithAnyone Studio (Generate + Bench explorer) in the browser."""
+    """Serve WithAnyone Studio (Generate + Edit + Bench explorer) in the browser."""
     try:
         import gradio  # noqa: F401
     except ImportError as exc:
@@ -47,7 +54,9 @@ def app_command(
 
     try:
         launch(LoadOptions(base=base, adapter=adapter, siglip=siglip, face_pack=face_pack, low_vram=low_vram,
-                           tiny=tiny, transformer_file=transformer_file, offline=offline, device=device),
+                           tiny=tiny, transformer_file=transformer_file, offline=offline, device=device,
+                           kontext_base=kontext_base, kontext_adapter=kontext_adapter,
+                           kontext_adapter_file=kontext_adapter_file),
                host=host, port=port, share=share, out_dir=out)
     except OSError as exc:  # the port was taken between the check and the launch
         typer.echo(f"error: --port {port}: cannot serve on {host}:{port} ({' '.join(str(exc).split())})", err=True)

@@ -34,6 +34,10 @@ class LoadOptions:
     tiny: bool = False
     offline: bool = False
     device: str = "auto"
+    #: The Edit tab's FLUX.1 Kontext base and WithAnyone.Ke adapter (loaded on the first edit).
+    kontext_base: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    kontext_adapter: str = "WithAnyone/WithAnyone"
+    kontext_adapter_file: str | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""WithAnyone Studio's Gradio interface: a Generate tab and a Bench explorer tab over :class:`Studio`."""
+"""WithAnyone Studio's Gradio interface: a Generate tab, an Edit tab and a Bench explorer tab over :class:`Studio`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from .edit import EDIT_CSS
 from .models import PRESETS, LoadedModels
 from .people import MAX_PEOPLE, TRAINED_PEOPLE
 from .studio import SIZES, TINY_SIZES, Cancelled, Person, Placement, Studio, canvas, draw_boxes, people_note
@@ -48,7 +49,7 @@ _GALLERY_CHROME = 40
 APP_CSS = "\n".join(
     f"{'[id^=crops]' if key == 'crops' else '#' + key} .thumbnail-item {{ aspect-ratio: auto !important; "
     f"height: {h - _GALLERY_CHROME}px !important; }}"
-    for key, h in GALLERY_HEIGHTS.items())
+    for key, h in GALLERY_HEIGHTS.items()) + "\n" + EDIT_CSS
 
 
 def whole_gallery(**kwargs: Any) -> gr.Gallery:
@@ -68,9 +69,14 @@ def blocks_css_kwargs(method: Any) -> dict[str, str]:
     return {"css": APP_CSS} if "css" in inspect.signature(method).parameters else {}
 
 
-def build_ui(studio: Studio) -> gr.Blocks:
-    """The Blocks app; call ``.queue(...).launch(...)`` on it (see :func:`withanyone.app.launch`)."""
+def build_ui(studio: Studio, editor: Any = None) -> gr.Blocks:
+    """The Blocks app; call ``.queue(...).launch(...)`` on it (see :func:`withanyone.app.launch`). ``editor``:
+    the Edit tab's :class:`~withanyone.app.edit.Editor` (default: one with the default Kontext sources)."""
     from gradio_image_annotation import image_annotator
+
+    from .edit import Editor, build_edit_tab
+
+    editor = editor if editor is not None else Editor(studio)
 
     tiny = studio.models.tiny
     sizes = TINY_SIZES if tiny else SIZES
@@ -154,6 +160,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                             elem_id="gallery", interactive=False)
                     downloads = gr.File(label="download: image + JSON sidecar", file_count="multiple",
                                         interactive=False, elem_id="downloads")
+
+        with gr.Tab("Edit", id="edit"):
+            build_edit_tab(editor, [s[1] for s in slots], [s[2] for s in slots], n_people,
+                           lambda n, *values: _people(int(n), values))
 
         with gr.Tab("Bench explorer", id="bench"):
             _bench_tab()

@@ -144,7 +144,8 @@ def generate_command(
                                      "--tiny 64)."),
     steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default 25, --tiny 4)."),
     guidance: float = typer.Option(4.0, "--guidance", help="FLUX-dev distilled guidance."),
-    base: str = typer.Option("black-forest-labs/FLUX.1-dev", "--base", help="FLUX hub id or diffusers folder."),
+    base: str = typer.Option("black-forest-labs/FLUX.1-dev", "--base", help="FLUX hub id or diffusers folder; "
+                             "kontext = FLUX.1-Kontext-dev with the WithAnyone.K adapter."),
     adapter: str = typer.Option("WithAnyone/WithAnyone", "--adapter", help="Adapter hub id, folder or .safetensors."),
     siglip: str = typer.Option("google/siglip-base-patch16-256-i18n", "--siglip", help="SigLIP hub id or folder."),
     face_pack: str = typer.Option("antelopev2", "--face-pack", help="insightface pack (name or folder)."),
@@ -217,6 +218,10 @@ def generate_command(
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
+    from .kontext_source import is_kontext_base, resolve_kontext_base
+
+    kontext = is_kontext_base(base)  # WithAnyone.K: text-to-image on FLUX.1 Kontext
+    base = resolve_kontext_base(base)
     if tiny:
         dtype = "float32"
     else:  # the base's files exist (locally, or cached when offline) before the face model loads
@@ -242,15 +247,29 @@ def generate_command(
         console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
 
     if tiny:
-        from .tiny import tiny_pipeline
+        from .tiny import tiny_kontext_pipeline, tiny_pipeline
 
         console.print(f"[yellow]{TINY_NOTE}[/]")
-        pipe = tiny_pipeline(face_analyzer=analyzer if analyzer is not None else "dlib")
+        analyzer_or_name = analyzer if analyzer is not None else "dlib"
+        pipe = (tiny_kontext_pipeline(face_analyzer=analyzer_or_name, variant="K") if kontext
+                else tiny_pipeline(face_analyzer=analyzer_or_name))
         try:
             memory.apply_memory(pipe, mem, device, compute_dtype=torch.float32, quantize_base=True,
                                 transformer_file=transformer_file, place=False)
         except WithAnyoneError as exc:
             raise fail(exc) from exc
+    elif kontext:
+        from .kontext_source import load_kontext
+
+        pipe = load_kontext(base, adapter, "K", adapter_file=None, siglip=siglip, analyzer=analyzer,
+                            face_pack=face_pack, torch_dtype=torch_dtype, offline=offline, console=console,
+                            fail=fail)
+        try:
+            memory.apply_memory(pipe, mem, device, compute_dtype=torch_dtype, quantize_base=True,
+                                transformer_file=transformer_file, place=False)
+        except WithAnyoneError as exc:
+            raise fail(exc) from exc
+        pipe.memory = mem
     else:
         from .pipeline import WithAnyonePipeline
 
@@ -302,7 +321,8 @@ def generate_command(
         height=height, width=width, steps=steps, guidance=guidance, lora=list(lora or []), lora_scale=lora_scale,
         dtype=dtype, device=device, offload=mem.offload, output=str(out), memory=memory.describe(mem),
         timestep_shift=timestep_shift, noise=noise, reference_face=reference_face, matting=matting,
-        matting_model=matting_model if matting else None, **({"tiny": True, "note": TINY_NOTE} if tiny else {}))
+        matting_model=matting_model if matting else None, **({"mode": "kontext-t2i"} if kontext else {}),
+        **({"tiny": True, "note": TINY_NOTE} if tiny else {}))
     sidecar_path = write_image_and_sidecar(out, image, sidecar)
     console.print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {sidecar_path}; seed {result.seed}")
     if tiny:
