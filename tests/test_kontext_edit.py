@@ -224,6 +224,19 @@ def test_keep_unreplaced_and_feather_options():
     assert np.array_equal(s[170, 135], h[170, 135])  # the centre is fully blurred either way
 
 
+
+def test_blurred_lists_only_faces_the_release_blur_reaches_and_min_blur_face_lowers_the_limit():
+    photo = noise_photo(640, 640, 8)
+    boxes = [(60, 90, 140, 170), (330, 100, 500, 290)]  # 80 px (under the release's 100) and 170 px faces
+    plan = prepare_edit(photo, 2, _Faces(boxes))
+    assert plan.blurred == [1]
+    canvas, cond = (np.asarray(i, dtype=int) for i in (plan.canvas, plan.condition))
+    x1, y1, x2, y2 = plan.face_boxes[0]
+    assert np.abs(cond - canvas)[y1:y2, x1:x2].max() == 0  # small face left as it is, as the release does
+    low = prepare_edit(photo, 2, _Faces(boxes), min_blur_face=50)
+    assert low.blurred == [0, 1] and low.options["min_blur_face"] == 50
+    assert np.abs(np.asarray(low.condition, dtype=int) - canvas)[y1:y2, x1:x2].mean() > 3
+
 def test_prepare_edit_errors_are_one_line():
     photo = noise_photo(640, 640, 7)
     two = _Faces([(60, 90, 210, 250), (330, 100, 500, 290)])

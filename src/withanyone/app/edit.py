@@ -98,12 +98,12 @@ class Editor:
     @property
     def analyzer(self) -> Any:
         """The base photo's face analyser: with ``--tiny`` the app's (dlib); else insightface at the release edit
-        demo's detection threshold (:data:`~withanyone.pipeline.kontext.EDIT_DET_THRESH`), created on first use."""
+        demo's detection threshold (:data:`~withanyone.pipeline.edit.EDIT_DET_THRESH`), created on first use."""
         if self.options.tiny:
             return self.studio.analyzer
         if self._analyzer is None:
             from ..faces import FaceAnalyzer
-            from ..pipeline.kontext import EDIT_DET_THRESH
+            from ..pipeline.edit import EDIT_DET_THRESH
 
             self._analyzer = FaceAnalyzer("insightface", pack=str(self.options.face_pack),
                                           det_thresh=EDIT_DET_THRESH)

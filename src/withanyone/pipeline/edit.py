@@ -33,7 +33,7 @@ from ..errors import WithAnyoneError
 
 __all__ = [
     "CANVASES", "KONTEXT_RESOLUTIONS", "CropTransform", "EditError", "EditPlan", "FACE_ORDERS", "RELEASE_BLUR_MIN_FACE",
-    "RELEASE_BLUR_RADIUS", "RELEASE_SIZE", "blur_faces", "detect_faces", "kontext_resolution", "map_boxes",
+    "EDIT_DET_THRESH", "RELEASE_BLUR_RADIUS", "RELEASE_SIZE", "blur_faces", "detect_faces", "kontext_resolution", "map_boxes",
     "photo_sha256", "prepare_edit", "square_around_faces",
 ]
 
@@ -42,6 +42,10 @@ RELEASE_SIZE = 512
 #: ``blur_faces_in_image``'s Gaussian radius and smallest blurred face side (px of the blurred image).
 RELEASE_BLUR_RADIUS = 15
 RELEASE_BLUR_MIN_FACE = 100
+#: Detection threshold of the release's edit demo: its FaceExtractor calls insightface's ``prepare(ctx_id=0)``,
+#: whose default is 0.5 (the FLUX pipeline's references use util.py's 0.4). Here, not in kontext.py, so the CLI
+#: can build its analyzer without importing diffusers.
+EDIT_DET_THRESH = 0.5
 #: ``canvas`` values: the release's square crop around the faces, or the whole photo (our option).
 CANVASES = ("square", "photo")
 #: Face numbering: left to right (default), or the detector's own order.
@@ -365,6 +369,9 @@ def prepare_edit(photo: Any, references: Sequence[Any] | int, analyzer: Any = No
         blurred = list(range(len(faces)))
         regions = list(face_boxes) + (id_boxes if user_boxes else [])
     photo_regions = tf.to_photo(regions)  # canvas → photo: the release's resize_bbox on square photos
+    # only the faces blur_faces really blurs: both photo-px sides ≥ min_blur_face (the release skips smaller ones)
+    blurred = [i for i, (x1, y1, x2, y2) in zip(blurred, photo_regions, strict=False)
+               if x2 - x1 >= min_blur_face and y2 - y1 >= min_blur_face]
     condition = tf.apply(blur_faces(img, photo_regions, blur_radius, min_blur_face, feather))
     return EditPlan(
         condition=condition, canvas=tf.apply(img), boxes=id_boxes, replaced=replaced, faces=faces,

@@ -147,7 +147,8 @@ def unblurred_warning(plan: Any) -> str | None:
         return None
     what = ", ".join(f"face {i} ({side} px)" for i, side in small)
     return (f"{what}: under the release's {plan.options.get('min_blur_face', 100):.0f} px blur threshold, so not "
-            "blurred: the model sees the original face there (a larger photo of the scene avoids this)")
+            "blurred: the model sees the original face there (a larger photo of the scene, or a lower min_blur_face, "
+            "avoids this)")
 
 
 def face_lines(faces: Sequence[Any], size: tuple[int, int],
@@ -218,6 +219,8 @@ def edit_command(
                                          "release blurs every face)."),
     feather: float = typer.Option(0.0, "--feather", help="Soft edge of the face blur, in photo pixels (the "
                                   "release: 0, a hard-edged blur)."),
+    min_blur_face: float = typer.Option(100.0, "--min-blur-face", help="Blur only faces whose sides are at least "
+                                        "this many photo pixels (the release's 100; 0 blurs every face)."),
     id_weight: float = typer.Option(1.0, "--id-weight", help="ArcFace branch weight (the release's edit model is "
                                     "ArcFace-only: no SigLIP branch)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: drawn and recorded)."),
@@ -309,7 +312,7 @@ def edit_command(
 
         # the whole preprocessing, before any model loads: faces that cannot be squared, boxes off the canvas
         plan = prepare_edit(photo, len(refs), faces=faces, replace=replace_v, boxes=boxes, canvas=canvas, size=side,
-                            keep_unreplaced=keep_unreplaced, feather=feather)
+                            keep_unreplaced=keep_unreplaced, feather=feather, min_blur_face=min_blur_face)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             references = _references(refs, analyzer, tiny, False)
@@ -345,7 +348,8 @@ def edit_command(
             task = bar.add_task("denoising", total=steps)
             result = pipe(prompt, image=photo, references=references,
                           boxes=[list(b) for b in boxes] if boxes is not None else "faces", replace=replace_v,
-                          canvas=canvas, keep_unreplaced=keep_unreplaced, feather=feather, id_weight=id_weight,
+                          canvas=canvas, keep_unreplaced=keep_unreplaced, feather=feather, min_blur_face=min_blur_face,
+                          id_weight=id_weight,
                           size=side, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           step_callback=lambda i, n: bar.update(task, completed=i))
     except (WithAnyoneError, ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
@@ -403,7 +407,7 @@ def _analyzer(tiny: bool, face_pack: str) -> Any:
 
     if tiny:
         return FaceAnalyzer("dlib")
-    from .kontext import EDIT_DET_THRESH  # (imports diffusers: its warnings print before the face checks)
+    from .edit import EDIT_DET_THRESH
 
     return FaceAnalyzer("insightface", pack=str(face_pack), det_thresh=EDIT_DET_THRESH)
 

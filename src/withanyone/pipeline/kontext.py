@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from diffusers import FluxKontextPipeline
 
-from .edit import RELEASE_BLUR_RADIUS, RELEASE_SIZE, EditPlan, prepare_edit
+from .edit import EDIT_DET_THRESH, RELEASE_BLUR_MIN_FACE, RELEASE_BLUR_RADIUS, RELEASE_SIZE, EditPlan, prepare_edit
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WithAnyonePipeline, WithAnyonePipelineOutput, init_identity_state
 
 __all__ = ["EDIT_DET_THRESH", "EDIT_SIGLIP_REFUSAL", "WithAnyoneKontextPipeline", "WithAnyoneKontextPipelineOutput"]
@@ -38,9 +38,6 @@ EDIT_SIGLIP_REFUSAL = (
     "withanyone_kontext_e) runs ArcFace-only (gradio_edit.py passes arc_only=True, 'only arcface supported now'); "
     "use siglip_weight=0")
 
-#: Detection threshold of the release's edit demo: its FaceExtractor calls insightface's ``prepare(ctx_id=0)``,
-#: whose default is 0.5 (the FLUX pipeline's references use util.py's 0.4).
-EDIT_DET_THRESH = 0.5
 
 # Methods shared with WithAnyonePipeline verbatim (they touch only the identity state set by init_identity_state).
 _SHARED = ("set_identity_adapter", "set_siglip", "set_face_analyzer", "siglip_loaded", "load_siglip",
@@ -135,7 +132,8 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
                  step_callback: Callable[[int, int], None] | None = None, timestep_shift: str = "release",
                  noise: str = "release", reference_face: str = "score", canvas: str = "square",
                  size: int = RELEASE_SIZE, keep_unreplaced: bool = False, feather: float = 0.0,
-                 blur_radius: float = RELEASE_BLUR_RADIUS, face_order: str = "left",
+                 blur_radius: float = RELEASE_BLUR_RADIUS, min_blur_face: float = RELEASE_BLUR_MIN_FACE,
+                 face_order: str = "left",
                  crop_rng: random.Random | None = None, use_matting: bool = False, **kontext_kwargs: Any):
         """Edit ``image``'s faces into the ``references`` (edit mode), or generate ``prompt`` with them (no image).
 
@@ -161,6 +159,7 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
             keep_unreplaced: ours: leave faces that are not replaced unblurred (release: every face blurred).
             feather: ours: soft edge of the blur mask, px (release: 0, a hard paste).
             blur_radius: Gaussian radius of the face blur (the release's 15).
+            min_blur_face: faces with a side under this many photo px stay unblurred (the release's 100).
             face_order: face numbering, ``"left"`` (left to right) or ``"detector"``.
             crop_rng: a ``random.Random`` to draw the square crop's start as the release does (default: the middle
                 of the window holding every face).
@@ -187,7 +186,8 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
             raise ValueError("an edit needs the identity adapter (WithAnyone.Ke); load it with from_pretrained")
         plan = prepare_edit(image, references, _LazyAnalyzer(self.face_analyzer), replace=replace, boxes=boxes,
                             canvas=canvas, keep_unreplaced=keep_unreplaced, feather=feather, size=size,
-                            blur_radius=blur_radius, rng=crop_rng, order=face_order)
+                            blur_radius=blur_radius, min_blur_face=min_blur_face, rng=crop_rng,
+                            order=face_order)
         w, h = plan.size
         if (height is not None and height != h) or (width is not None and width != w):
             raise ValueError(f"edit mode generates at the canvas size {w}×{h}; set `size`/`canvas`, not height/width")
