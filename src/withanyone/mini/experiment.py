@@ -55,10 +55,10 @@ class MiniConfig:
     num_heldout_ids: int = 60
     face_photos: int = 8
     face_epochs: int = 6
-    det_steps: int = 400
+    det_steps: int = 800
     portraits: int = 6  # reference photos per training identity (paired references, negative pool)
-    pool_canvases: int = 2500
-    base_steps: int = 1200
+    pool_canvases: int = 1500
+    base_steps: int = 1500
     base_batch: int = 16
     adapter_steps: int = 300
     adapter_batch: int = 8
@@ -77,8 +77,8 @@ class MiniConfig:
 QUICK = MiniConfig()
 LONG = MiniConfig(num_train_ids=500, num_heldout_ids=100, face_epochs=10, pool_canvases=5000, base_steps=4000,
                   adapter_steps=1500, arms=("A", "B", "C"), eval_samples=90, sample_steps=16)
-SMOKE = MiniConfig(num_train_ids=120, num_heldout_ids=30, face_photos=6, face_epochs=4, det_steps=250, portraits=4,
-                   pool_canvases=600, base_steps=300, adapter_steps=120, seeds=(0,), eval_samples=18, sample_steps=8,
+SMOKE = MiniConfig(num_train_ids=120, num_heldout_ids=30, face_photos=6, face_epochs=4, det_steps=500, portraits=4,
+                   pool_canvases=600, base_steps=500, adapter_steps=120, seeds=(0,), eval_samples=18, sample_steps=8,
                    grid_samples=4)
 
 
@@ -137,16 +137,23 @@ def stage_pool(cfg: MiniConfig, net: Any) -> Pool:
     return Pool(canvases, gt_emb, portrait_emb)
 
 
-def stage_base(cfg: MiniConfig, out: Path, pool: Pool) -> Any:
-    """Train (or reuse) the base transformer on the pool's canvases."""
-    folder = out / "base"
+def stage_base(cfg: MiniConfig, out: Path, pool: Pool) -> tuple[Any, Any]:
+    """Fit (or reuse) the patch VAE and train (or reuse) the base transformer on the pool's canvases."""
+    from .generator import PatchifyVAE, to_pixels
+
+    folder, vae_dir = out / "base", out / "vae"
+    if (vae_dir / "config.json").is_file():
+        vae = PatchifyVAE.from_pretrained(str(vae_dir)).eval()
+    else:
+        vae = PatchifyVAE().fit(to_pixels([c.image for c in pool.canvases[:1000]])).eval()
+        vae.save_pretrained(str(vae_dir), safe_serialization=True)
     if (folder / "config.json").is_file():
-        return load_transformer(folder)
+        return load_transformer(folder), vae
     t0 = time.perf_counter()
-    tf = train_base(pool.canvases, cfg.base_steps, seed=cfg.world_seed, batch=cfg.base_batch, log=_log)
+    tf = train_base(pool.canvases, vae, cfg.base_steps, seed=cfg.world_seed, batch=cfg.base_batch, log=_log)
     save_transformer(tf, folder)
     atomic_write_json(out / "base.json", {"steps": cfg.base_steps, "seconds": round(time.perf_counter() - t0, 1)})
-    return tf
+    return tf, vae
 
 
 def adapter_batches(pool: Pool, arm: str, seed: int, batch: int, steps: int):
@@ -195,7 +202,7 @@ def new_adapter(seed: int, dim: int):
                              head_dim=MINI_WIDTH // MINI_HEADS, arcface_dim=dim, use_siglip=False)
 
 
-def stage_adapter(cfg: MiniConfig, out: Path, pool: Pool, transformer: Any, net: Any, negatives: Any, arm: str,
+def stage_adapter(cfg: MiniConfig, out: Path, pool: Pool, transformer: Any, vae: Any, net: Any, negatives: Any, arm: str,
                   seed: int) -> Any:
     """Train (or reuse) one arm's adapter with ``withanyone.train.train``."""
     from withanyone.model import WithAnyoneAdapter
@@ -215,7 +222,7 @@ def stage_adapter(cfg: MiniConfig, out: Path, pool: Pool, transformer: Any, net:
         num_negatives=cfg.num_negatives, id_gate="release", nce_positive="stored", t_sampling="release",
     ).validate()
     adapter = new_adapter(seed, net.embedding_dim)
-    parts = TrainComponents(pipe=mini_pipeline(transformer), arcface=net, adapter=adapter,
+    parts = TrainComponents(pipe=mini_pipeline(transformer, vae), arcface=net, adapter=adapter,
                             negative_pool=negatives if arm == "B" else None, text_table=prompt_table(cfg.world_seed))
     t0 = time.perf_counter()
     res = train(config, components=parts,
@@ -299,7 +306,7 @@ def grid_image(bench: Any, outputs: dict[str, dict[str, Path]], methods: list[st
     import PIL.ImageDraw
 
     cell = CANVAS
-    samples = bench.samples[:n]
+    samples = [s for s in bench.samples if all(s.id in outputs[m] for m in methods)][:n]
     cols = MAX_PEOPLE + 1 + len(methods)
     head = 16
     img = PIL.Image.new("RGB", (cols * cell, head + len(samples) * cell), "white")
@@ -349,7 +356,7 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
     _log(f"pool: {len(pool.canvases)} canvases, {len(pool.portrait_emb)} identities × {cfg.portraits} portraits "
          f"({timings['pool']:.0f}s)")
     t = time.perf_counter()
-    transformer = stage_base(cfg, out, pool)
+    transformer, vae = stage_base(cfg, out, pool)
     timings["base"] = time.perf_counter() - t
 
     bench = stage_heldout(cfg, out)
@@ -358,7 +365,7 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
     methods: dict[str, dict[str, Path]] = {}
     t = time.perf_counter()
     for seed in cfg.seeds:
-        pipe = mini_pipeline(transformer, adapter=new_adapter(seed, net.embedding_dim).eval(), face_analyzer=analyzer)
+        pipe = mini_pipeline(transformer, vae, adapter=new_adapter(seed, net.embedding_dim).eval(), face_analyzer=analyzer)
         methods[f"untrained-s{seed}"] = generate(pipe, bench, out / "gen" / f"untrained-s{seed}", cfg.sample_steps)
     timings["untrained_gen"] = time.perf_counter() - t
     timings["adapters"] = 0.0
@@ -366,10 +373,10 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
     for seed in cfg.seeds:
         for arm in cfg.arms:
             t = time.perf_counter()
-            adapter = stage_adapter(cfg, out, pool, transformer, net, negatives, arm, seed)
+            adapter = stage_adapter(cfg, out, pool, transformer, vae, net, negatives, arm, seed)
             timings["adapters"] += time.perf_counter() - t
             t = time.perf_counter()
-            pipe = mini_pipeline(transformer, adapter=adapter, face_analyzer=analyzer)
+            pipe = mini_pipeline(transformer, vae, adapter=adapter, face_analyzer=analyzer)
             methods[f"{arm}-s{seed}"] = generate(pipe, bench, out / "gen" / f"{arm}-s{seed}", cfg.sample_steps)
             pipe.set_identity_adapter(None)
             timings["generation"] += time.perf_counter() - t

@@ -89,7 +89,7 @@ class MiniDetector(nn.Module):
         return self.head(self.body(image.float() / 127.5 - 1.0))
 
     @torch.no_grad()
-    def detect(self, image: np.ndarray, threshold: float = 0.4) -> list[tuple[np.ndarray, float]]:
+    def detect(self, image: np.ndarray, threshold: float = 0.3) -> list[tuple[np.ndarray, float]]:
         """(box, score) of every head in an RGB uint8 image, best first."""
         h, w = image.shape[:2]
         ph, pw = (-h) % self.stride, (-w) % self.stride
@@ -126,7 +126,7 @@ class MiniFaceBackend(FaceBackend):
 
     name = "mini"
 
-    def __init__(self, weights: str | Path | None = None, det_thresh: float = 0.4,
+    def __init__(self, weights: str | Path | None = None, det_thresh: float = 0.3,
                  models: tuple[MiniFaceNet, MiniDetector, float] | None = None):
         if models is None:
             if weights is None:

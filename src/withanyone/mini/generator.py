@@ -1,10 +1,11 @@
-"""The mini base generator: a small ``FluxTransformer2DModel`` over an exact patchify "VAE", trained from scratch.
+"""The mini base generator: a small ``FluxTransformer2DModel`` over an linear patch "VAE", trained from scratch.
 
 :class:`PatchifyVAE` stands in for FLUX's VAE with the same interface (``encode(x).latent_dist`` with a
 mean and a std, ``decode(z, return_dict=False)``, ``config.scaling_factor`` / ``shift_factor`` /
 ``block_out_channels``) and the same geometry: an 8× downsampling, so 2×2 packing gives FLUX's 16-pixel
-image tokens and the adapter's box masks see the layout they see at full scale. Its "latent" is the
-pixels themselves, rearranged: encode and decode are exact inverses (no training, no blur, differentiable).
+image tokens and the adapter's box masks see the layout they see at full scale. Its latent is each 8×8
+patch's top principal components (fitted once on the training canvases): encode and decode are linear maps,
+differentiable, with a small, fixed reconstruction loss (fine detail beyond 16 components per patch).
 
 The transformer learns rectified flow on the mini world's group canvases with one constant prompt
 embedding (the role of "n people" prompts; it carries no information), then is frozen — the role FLUX plays.
@@ -29,7 +30,7 @@ from withanyone.train.losses import flow_matching_loss, noisy_latents
 from .world import CANVAS, random_layout, render_canvas
 
 __all__ = ["PatchifyVAE", "mini_transformer", "mini_pipeline", "train_base", "PROMPT", "prompt_table",
-           "canvas_batch", "MINI_WIDTH", "MINI_HEADS", "TEXT_DIM", "POOLED_DIM"]
+           "canvas_batch", "to_pixels", "MINI_WIDTH", "MINI_HEADS", "TEXT_DIM", "POOLED_DIM"]
 
 #: The constant prompt every mini image is trained and sampled with.
 PROMPT = "mini"
@@ -38,45 +39,69 @@ MINI_HEADS = 2
 TEXT_DIM = 32
 POOLED_DIM = 32
 TEXT_TOKENS = 4
+#: Principal components kept per 8×8 patch: 4 × 16 = 64 numbers per 16-px image token (width 96).
+LATENT_CHANNELS = 16
 
 
 class PatchifyVAE(ModelMixin, ConfigMixin):
-    """An exact, parameter-free 8× "VAE": latents are 8×8 pixel patches stacked into 192 channels."""
+    """A linear 8× "VAE": each 8×8×3 pixel patch ↔ its top ``latent_channels`` principal components.
+
+    Fitted (PCA, :meth:`fit`) on the training canvases, not trained by gradient. Encoding is a projection,
+    decoding its least-squares inverse; both are exact linear maps (differentiable, deterministic).
+    """
 
     @register_to_config
-    def __init__(self, patch: int = 8, in_channels: int = 3, scaling_factor: float = 2.0, shift_factor: float = 0.0,
+    def __init__(self, patch: int = 8, in_channels: int = 3, latent_channels: int = LATENT_CHANNELS,
+                 scaling_factor: float = 1.0, shift_factor: float = 0.0,
                  block_out_channels: tuple[int, ...] = (1, 1, 1, 1)):
         super().__init__()
         if 2 ** (len(block_out_channels) - 1) != patch:
             raise ValueError(f"block_out_channels must have log2(patch)+1 = {int(np.log2(patch)) + 1} entries "
                              "(FluxPipeline reads the scale factor from it)")
-        # one (unused) parameter so that `next(vae.parameters())` gives the dtype/device as for a real VAE
-        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+        d = in_channels * patch * patch
+        self.mean = nn.Parameter(torch.zeros(d), requires_grad=False)
+        self.basis = nn.Parameter(torch.eye(d)[:, :latent_channels].clone(), requires_grad=False)  # [d, k]
+        self.scale = nn.Parameter(torch.ones(latent_channels), requires_grad=False)
 
-    @property
-    def latent_channels(self) -> int:
-        """Channels of a latent: 3·patch²."""
-        return self.config.in_channels * self.config.patch ** 2
+    @torch.no_grad()
+    def fit(self, pixels: torch.Tensor) -> PatchifyVAE:
+        """Principal components of the patches of ``pixels`` [N, 3, H, W] in [−1, 1]; returns self."""
+        p = F.pixel_unshuffle(pixels.float(), self.config.patch).permute(0, 2, 3, 1).reshape(-1, self.mean.numel())
+        mean = p.mean(0)
+        cov = (p - mean).T @ (p - mean) / len(p)
+        ev, vec = torch.linalg.eigh(cov.double())
+        k = self.config.latent_channels
+        ev, vec = ev.flip(0)[:k].float(), vec.flip(1)[:, :k].float()
+        self.mean.copy_(mean)
+        self.basis.copy_(vec)
+        # one global scale (latents of unit variance on average), not whitening: the leading components —
+        # layout, colours, shapes — dominate the flow loss, as in a VAE's latent space
+        self.scale.copy_(torch.full_like(ev, float(ev.clamp_min(0).mean().sqrt())))
+        return self
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Pixels [B, 3, H, W] in [−1, 1] → a (degenerate, std ≈ 0) Gaussian over the patch latents."""
-        mean = F.pixel_unshuffle(x, self.config.patch)
+        p = F.pixel_unshuffle(x, self.config.patch).permute(0, 2, 3, 1)
+        z = ((p - self.mean.to(p)) @ self.basis.to(p)) / self.scale.to(p)
+        mean = z.permute(0, 3, 1, 2)
         dist = DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -30.0)], dim=1))
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None):
-        """Patch latents → pixels (the exact inverse of :meth:`encode`)."""
-        x = F.pixel_shuffle(z, self.config.patch)
+        """Latents → pixels: each patch is the mean plus its components (linear, differentiable)."""
+        q = z.permute(0, 2, 3, 1)
+        p = (q * self.scale.to(q)) @ self.basis.to(q).T + self.mean.to(q)
+        x = F.pixel_shuffle(p.permute(0, 3, 1, 2), self.config.patch)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
 
 def mini_transformer(seed: int = 0):
-    """A 2 double + 2 single block FLUX transformer of width 96 over the patchify latents (768 → 96)."""
+    """A 2 double + 2 single block FLUX transformer of width 96 over the patch latents (4·16 = 64 per token)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * 192, num_layers=2, num_single_layers=2, attention_head_dim=MINI_WIDTH // MINI_HEADS,
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=MINI_WIDTH // MINI_HEADS,
         num_attention_heads=MINI_HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
         guidance_embeds=False, axes_dims_rope=(8, 20, 20),
     )
@@ -88,12 +113,12 @@ def prompt_table(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {PROMPT: (torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), torch.randn(1, POOLED_DIM, generator=g))}
 
 
-def mini_pipeline(transformer: Any, adapter: Any = None, face_analyzer: Any = None):
+def mini_pipeline(transformer: Any, vae: Any, adapter: Any = None, face_analyzer: Any = None):
     """A ``WithAnyonePipeline`` of the mini components (no text encoders: pass ``prompt_embeds``)."""
     from withanyone.pipeline.pipeline import WithAnyonePipeline
     from withanyone.pipeline.tiny import tiny_scheduler
 
-    pipe = WithAnyonePipeline(scheduler=tiny_scheduler(), vae=PatchifyVAE(), text_encoder=None, tokenizer=None,
+    pipe = WithAnyonePipeline(scheduler=tiny_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
                               text_encoder_2=None, tokenizer_2=None, transformer=transformer, adapter=adapter)
     pipe.set_progress_bar_config(disable=True)
     if face_analyzer is not None:
@@ -117,14 +142,13 @@ def to_pixels(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_base(canvases: list, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3, log: Any = print,
+def train_base(canvases: list, vae: PatchifyVAE, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3, log: Any = print,
                log_every: int = 100):
     """Train :func:`mini_transformer` from scratch with rectified flow on ``canvases`` (random batches, with
     horizontal flips); returns it frozen."""
     from diffusers import FluxPipeline
 
     transformer = mini_transformer(seed)
-    vae = PatchifyVAE()
     embeds, pooled = prompt_table(seed)[PROMPT]
     rng = np.random.default_rng(seed + 1000)
     g = torch.Generator().manual_seed(seed + 2000)
@@ -142,7 +166,7 @@ def train_base(canvases: list, steps: int, seed: int = 0, batch: int = 16, lr: f
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         with torch.no_grad():
             x0 = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        t = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal noise levels
+        t = torch.rand(batch, generator=g)  # uniform noise levels: the last sampling steps (t → 0) need training too
         noise = torch.randn(x0.shape, generator=g)
         c = x0.shape[1]
         packed = FluxPipeline._pack_latents(noisy_latents(x0, noise, t), batch, c, h, w)

@@ -131,7 +131,6 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     g = (np.cos(ang) * xx + np.sin(ang) * yy)
     g = (g - g.min()) / max(float(np.ptp(g)), 1e-6)
     img = a[None, None] * (1 - g[..., None]) + b[None, None] * g[..., None]
-    img += rng.normal(0, 0.02, (h, w, 1))
     return img
 
 
