@@ -73,7 +73,7 @@ def test_patch_vae_round_trips_its_own_subspace():
 
     rng = np.random.default_rng(0)
     people = make_people(range(10))
-    ims = [render_canvas(people[:2], random_layout(2, rng), k).image for k in range(20)]
+    ims = [render_canvas(people[:2], random_layout(2, rng), k).image for k in range(8)]
     vae = PatchifyVAE().fit(to_pixels(ims))
     x = to_pixels(ims[:2])
     z = vae.encode(x).latent_dist.mean

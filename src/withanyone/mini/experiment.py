@@ -71,6 +71,8 @@ class MiniConfig:
     eval_samples: int = 36
     sample_steps: int = 10
     grid_samples: int = 6
+    #: also evaluate from each GT noised to this level (None: only from pure noise)
+    sdedit_t: float | None = 0.75
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -277,9 +279,19 @@ def stage_heldout(cfg: MiniConfig, out: Path) -> Any:
     return Benchmark("mini-heldout", samples, root)
 
 
-def generate(pipe: Any, bench: Any, folder: Path, steps: int) -> dict[str, Path]:
-    """One output per sample (seeded by its index), through ``WithAnyonePipeline.__call__``."""
+def generate(pipe: Any, bench: Any, folder: Path, steps: int, start_t: float | None = None) -> dict[str, Path]:
+    """One output per sample (seeded by its index), through ``WithAnyonePipeline.__call__``.
+
+    ``start_t`` None: from pure noise (the paper's setting). A number: from the sample's GT latent noised to
+    that level (after the release's time shift), the sampler running the remaining steps ("SDEdit"); the
+    GT's coarse layout leaks into every arm alike, the identity in the boxes still comes from the adapter.
+    """
     import PIL.Image
+    from diffusers import FluxPipeline
+
+    from withanyone.pipeline.sampling import release_mu, time_shift
+
+    from .generator import to_pixels
 
     folder.mkdir(parents=True, exist_ok=True)
     embeds, pooled = prompt_table()[PROMPT]
@@ -287,11 +299,20 @@ def generate(pipe: Any, bench: Any, folder: Path, steps: int) -> dict[str, Path]
     for k, s in enumerate(bench):
         path = folder / f"{s.id}.png"
         if not path.is_file():
+            extra: dict[str, Any] = {}
+            if start_t is not None:
+                sig = np.linspace(start_t, start_t / steps, steps)
+                first = float(time_shift(release_mu(CANVAS, CANVAS), [start_t])[0])  # the scheduler's first sigma
+                gt = to_pixels([np.asarray(PIL.Image.open(s.gt).convert("RGB"))])
+                x0 = pipe.vae.encode(gt).latent_dist.mean * pipe.vae.config.scaling_factor
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + k))
+                xt = (1 - first) * x0 + first * noise
+                extra = {"latents": FluxPipeline._pack_latents(xt, 1, *x0.shape[1:]), "sigmas": list(sig)}
             try:
                 img = pipe(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
                            references=[str(r) for r in s.references], boxes=[tuple(b) for b in s.boxes],
                            height=CANVAS, width=CANVAS, num_inference_steps=steps, guidance_scale=1.0,
-                           seed=1000 + k, output_type="np").images[0]
+                           seed=1000 + k, output_type="np", **extra).images[0]
             except WithAnyoneError as exc:  # a reference the detector misses: this sample has no output
                 _log(f"{s.id}: not generated ({exc})")
                 continue
@@ -362,48 +383,55 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
     bench = stage_heldout(cfg, out)
     backend = MiniFaceBackend(face_path, models=(net, det, thr))
     analyzer = FaceAnalyzer(backend)
-    methods: dict[str, dict[str, Path]] = {}
-    t = time.perf_counter()
+    modes: dict[str, float | None] = {"noise": None}
+    if cfg.sdedit_t is not None:
+        modes[f"gt{cfg.sdedit_t:g}"] = cfg.sdedit_t
+    methods: dict[str, dict[str, dict[str, Path]]] = {m: {} for m in modes}
+    timings["adapters"] = timings["generation"] = 0.0
+
+    def gen_all(name: str, adapter: Any) -> None:
+        t = time.perf_counter()
+        pipe = mini_pipeline(transformer, vae, adapter=adapter, face_analyzer=analyzer)
+        for mode, start_t in modes.items():
+            methods[mode][name] = generate(pipe, bench, out / f"gen-{mode}" / name, cfg.sample_steps, start_t)
+        pipe.set_identity_adapter(None)
+        timings["generation"] += time.perf_counter() - t
+
     for seed in cfg.seeds:
-        pipe = mini_pipeline(transformer, vae, adapter=new_adapter(seed, net.embedding_dim).eval(), face_analyzer=analyzer)
-        methods[f"untrained-s{seed}"] = generate(pipe, bench, out / "gen" / f"untrained-s{seed}", cfg.sample_steps)
-    timings["untrained_gen"] = time.perf_counter() - t
-    timings["adapters"] = 0.0
-    timings["generation"] = 0.0
+        gen_all(f"untrained-s{seed}", new_adapter(seed, net.embedding_dim).eval())
     for seed in cfg.seeds:
         for arm in cfg.arms:
             t = time.perf_counter()
             adapter = stage_adapter(cfg, out, pool, transformer, vae, net, negatives, arm, seed)
             timings["adapters"] += time.perf_counter() - t
-            t = time.perf_counter()
-            pipe = mini_pipeline(transformer, vae, adapter=adapter, face_analyzer=analyzer)
-            methods[f"{arm}-s{seed}"] = generate(pipe, bench, out / "gen" / f"{arm}-s{seed}", cfg.sample_steps)
-            pipe.set_identity_adapter(None)
-            timings["generation"] += time.perf_counter() - t
+            gen_all(f"{arm}-s{seed}", adapter)
 
     t = time.perf_counter()
-    run_dir = out / "bench"
-    run_benchmark(bench, [MethodOutputs(k, v) for k, v in methods.items()], run_dir,
-                  face_models=[FaceModelSpec(backend=backend, gate=(thr, thr), label="mini")], progress=False)
-    summary = summarize(run_dir)
+    evals: dict[str, Any] = {}
+    for mode in modes:
+        run_dir = out / f"bench-{mode}"
+        run_benchmark(bench, [MethodOutputs(k, v) for k, v in methods[mode].items()], run_dir,
+                      face_models=[FaceModelSpec(backend=backend, gate=(thr, thr), label="mini")], progress=False)
+        board = summarize(run_dir)["leaderboard"]["all"]["mini"]
+        per_method = {m: {k: (board[m][k]["mean"] if board[m].get(k) else None) for k in METRIC_KEYS} for m in board}
+        arms: dict[str, Any] = {}
+        for arm in ("untrained", *cfg.arms):
+            runs = [per_method[f"{arm}-s{s}"] for s in cfg.seeds if f"{arm}-s{s}" in per_method]
+            entry = {}
+            for k in METRIC_KEYS:
+                vals = [r[k] for r in runs if r[k] is not None]
+                entry[k] = {"mean": float(np.mean(vals)) if vals else None,
+                            "spread": float(np.max(vals) - np.min(vals)) if vals else None,
+                            "std": float(np.std(vals)) if vals else None, "per_seed": vals}
+            arms[arm] = entry
+        grid = grid_image(bench, methods[mode], ["untrained-s0", *[f"{a}-s0" for a in cfg.arms]],
+                          out / f"grid-{mode}.png", cfg.grid_samples)
+        evals[mode] = {"arms": arms, "per_method": per_method, "grid": str(grid), "start_t": modes[mode]}
     timings["bench"] = time.perf_counter() - t
-    board = summary["leaderboard"]["all"]["mini"]
-    per_method = {m: {k: (board[m][k]["mean"] if board[m].get(k) else None) for k in METRIC_KEYS} for m in board}
-    arms: dict[str, Any] = {}
-    for arm in ("untrained", *cfg.arms):
-        runs = [per_method[f"{arm}-s{s}"] for s in cfg.seeds if f"{arm}-s{s}" in per_method]
-        entry = {}
-        for k in METRIC_KEYS:
-            vals = [r[k] for r in runs if r[k] is not None]
-            entry[k] = {"mean": float(np.mean(vals)) if vals else None,
-                        "spread": float(np.max(vals) - np.min(vals)) if len(vals) > 1 else 0.0 if vals else None,
-                        "std": float(np.std(vals)) if vals else None, "per_seed": vals}
-        arms[arm] = entry
-    grid = grid_image(bench, methods, ["untrained-s0", *[f"{a}-s0" for a in cfg.arms]], out / "grid.png",
-                      cfg.grid_samples)
     timings = {k: round(v, 1) for k, v in timings.items()}
-    result = {"arms": arms, "per_method": per_method, "face_model": face_info, "grid": str(grid),
-              "timings_s": timings, "total_s": round(time.perf_counter() - t_start, 1), "config": asdict(cfg)}
+    result = {"arms": evals["noise"]["arms"], "per_method": evals["noise"]["per_method"], "evals": evals,
+              "face_model": face_info, "timings_s": timings, "total_s": round(time.perf_counter() - t_start, 1),
+              "config": asdict(cfg)}
     atomic_write_json(out / "summary.json", result)
     return result
 
@@ -412,9 +440,12 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     """The one-line JSON: per-arm means and the face model's held-out verification accuracy."""
     short = {"sim_gt": "sim_gt", "sim_ref": "sim_ref", "cp": "cp", "identity_confusion": "id_confusion",
              "count_acc": "count_acc"}
-    arms = {arm: {short[k]: (None if v[k]["mean"] is None else round(v[k]["mean"], 4)) for k in short}
-            for arm, v in result["arms"].items()}
+    def means(arms: dict[str, Any]) -> dict[str, Any]:
+        return {arm: {short[k]: (None if v[k]["mean"] is None else round(v[k]["mean"], 4)) for k in short}
+                for arm, v in arms.items()}
+
     fm = result["face_model"]["heldout"]
-    return {"benchmark": "mini", "arms": arms, "face_verification_acc": round(fm["accuracy"], 4),
+    extra = {f"arms_from_{m}": means(e["arms"]) for m, e in result.get("evals", {}).items() if m != "noise"}
+    return {"benchmark": "mini", "arms": means(result["arms"]), **extra, "face_verification_acc": round(fm["accuracy"], 4),
             "face_same_person_cos": round(fm["same_mean"], 4), "seeds": len(result["config"]["seeds"]),
             "total_s": result["total_s"]}
