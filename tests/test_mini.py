@@ -84,25 +84,31 @@ def test_patch_vae_round_trips_its_own_subspace():
     assert torch.allclose(z, z2, atol=1e-3)
 
 
-#: Measured with this exact configuration (SMOKE world, arm B, 120 adapter steps, 18 held-out samples;
-#: docs/mini.md, "The slow test"): held-out Sim(GT) of B − untrained = +0.100 (seed 0) and MEASURE_SEED1
-#: (seed 1); B's identity confusion 0.364 (seed 0) and CONF_SEED1. The gain threshold sits 0.05 below the
-#: smaller measured gain; the confusion bound is chance level (0.5 of the judged faces with the 1/2/3-person
-#: mix: a random nearest reference is wrong for 1/2 of the faces of a pair and 2/3 of a trio).
-SIM_GAIN_MIN = 0.05
-CONFUSION_MAX = 0.5
+#: Measured with this exact configuration (SMOKE world, arm B, 120 adapter steps, 18 held-out samples; two
+#: runs, adapter seeds 0 and 1 — docs/mini.md, "The slow test"):
+#:   one-step probe (t = 0.5) Sim(GT), B − untrained: +0.103 (seed 0), +0.075 (seed 1) → threshold 0.04
+#:     (0.035 below the smaller);
+#:   probe identity confusion of B: 0.152, 0.136 → bound 0.30 (twice the larger; chance is ≈ 0.55 here);
+#:   from-noise bench identity confusion of B: 0.364, 0.300 → bound 0.50 (chance level for the 1/2/3-person mix).
+#: Not asserted: B's from-noise bench Sim(GT) gain, measured +0.100 and −0.036 — the base generator's samples
+#: hold too few detectable faces at this size for that figure to be stable.
+PROBE_GAIN_MIN = 0.04
+PROBE_CONFUSION_MAX = 0.30
+BENCH_CONFUSION_MAX = 0.50
 
 
 @pytest.mark.slow
 def test_mini_training_injects_identities(tmp_path):
-    """≈ 2.5 min on the shared 2-core machine (1 thread): the whole experiment at SMOKE size, arm B, seed 0."""
+    """≈ 2.5 min on the 2-core machine (1 thread): the whole experiment at SMOKE size, arm B, seed 0."""
     from withanyone.mini.experiment import SMOKE, run_experiment
 
     cfg = dataclasses.replace(SMOKE, out_dir=str(tmp_path / "mini"), arms=("B",), seeds=(0,), sdedit_t=None)
     res = run_experiment(cfg)
-    arms = res["arms"]  # generated from pure noise through WithAnyonePipeline, scored by withanyone.bench
-    gain = arms["B"]["sim_gt"]["mean"] - arms["untrained"]["sim_gt"]["mean"]
-    assert gain > SIM_GAIN_MIN, arms
-    assert arms["B"]["identity_confusion"]["mean"] < CONFUSION_MAX, arms
+    probe = res["evals"]["probe"]["arms"]  # held-out people, one denoising step through adapter + transformer
+    gain = probe["B"]["sim_gt"]["mean"] - probe["untrained"]["sim_gt"]["mean"]
+    assert gain > PROBE_GAIN_MIN, probe
+    assert probe["B"]["identity_confusion"]["mean"] < PROBE_CONFUSION_MAX, probe
+    bench = res["arms"]  # generated from pure noise through WithAnyonePipeline, scored by withanyone.bench
+    assert bench["B"]["identity_confusion"]["mean"] < BENCH_CONFUSION_MAX, bench
     fm = res["face_model"]["heldout"]
     assert fm["accuracy"] > 0.8 and fm["same_mean"] < 0.99  # a usable face model whose same-person cos < 1

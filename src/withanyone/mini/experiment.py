@@ -73,6 +73,8 @@ class MiniConfig:
     grid_samples: int = 6
     #: also evaluate from each GT noised to this level (None: only from pure noise)
     sdedit_t: float | None = 0.75
+    #: noise level of the one-step denoising probe (:func:`denoise_probe`)
+    probe_t: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -349,6 +351,58 @@ def grid_image(bench: Any, outputs: dict[str, dict[str, Path]], methods: list[st
     return path
 
 
+def denoise_probe(pipe: Any, bench: Any, net: Any, t: float = 0.5) -> dict[str, float | None]:
+    """Identity in one denoising step: each held-out GT noised to ``t``, one transformer call with the
+    adapter's identities (references through the pipeline's face analyzer, GT boxes), x̂₀ = x_t − t·v decoded,
+    its faces cut at the GT boxes and scored with ``withanyone.bench``'s metric functions.
+
+    The quantity the ID loss trains, measured on held-out people without the sampler or the detector in
+    the way (the base generator's samples from noise are too poor for the bench to find most faces).
+    """
+    import PIL.Image
+    from diffusers import FluxPipeline
+
+    from withanyone.bench.metrics import score_faces
+    from withanyone.bench.multi_metrics import identity_confusion
+
+    from .generator import to_pixels
+
+    embeds, pooled = prompt_table()[PROMPT]
+    tf, vae, adapter = pipe.transformer, pipe.vae, pipe.adapter
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, CANVAS // 16, CANVAS // 16, "cpu", torch.float32)
+    vals: dict[str, list[float]] = {"sim_gt": [], "sim_ref": [], "cp_all": [], "identity_confusion": []}
+    for k, s in enumerate(bench):
+        try:
+            refs = pipe.prepare_identities([str(r) for r in s.references], need_crop=False)
+        except WithAnyoneError:
+            continue
+        gt_img = np.asarray(PIL.Image.open(s.gt).convert("RGB"))
+        x0 = vae.encode(to_pixels([gt_img])).latent_dist.mean * vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + k))
+        xt = FluxPipeline._pack_latents((1 - t) * x0 + t * noise, 1, *x0.shape[1:])
+        arc = torch.from_numpy(np.stack([r.arcface for r in refs]))[None].float()
+        with torch.no_grad(), adapter.identities(arcface=arc, boxes=[[tuple(b) for b in s.boxes]], height=CANVAS,
+                                                 width=CANVAS):
+            v = tf(hidden_states=xt, timestep=torch.tensor([t]), guidance=None, pooled_projections=pooled,
+                   encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3), img_ids=img_ids,
+                   return_dict=False)[0]
+            lat = FluxPipeline._unpack_latents(xt - t * v, CANVAS, CANVAS, pipe.vae_scale_factor)
+            img = vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0][0]
+        pred = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        out_emb = embed_crops(net, face_crops(pred, s.boxes))
+        gt_emb = embed_crops(net, face_crops(gt_img, s.boxes))
+        ref_emb = np.stack([r.arcface for r in refs])
+        sc = score_faces(out_emb, gt_emb, ref_emb, "release")
+        vals["sim_gt"].append(sc.sim_gt)
+        vals["sim_ref"].append(sc.sim_ref)
+        if sc.cp is not None:
+            vals["cp_all"].append(sc.cp)
+        conf, _ = identity_confusion(out_emb, s.boxes, s.boxes, ref_emb)
+        if conf is not None and len(s.boxes) > 1:
+            vals["identity_confusion"].append(conf)
+    return {k: (float(np.mean(v)) if v else None) for k, v in vals.items()}
+
+
 METRIC_KEYS = ("sim_gt", "sim_ref", "cp", "cp_all", "count_acc", "identity_confusion")
 
 
@@ -387,15 +441,19 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
     if cfg.sdedit_t is not None:
         modes[f"gt{cfg.sdedit_t:g}"] = cfg.sdedit_t
     methods: dict[str, dict[str, dict[str, Path]]] = {m: {} for m in modes}
-    timings["adapters"] = timings["generation"] = 0.0
+    probes: dict[str, dict[str, float | None]] = {}
+    timings["adapters"] = timings["generation"] = timings["probe"] = 0.0
 
     def gen_all(name: str, adapter: Any) -> None:
         t = time.perf_counter()
         pipe = mini_pipeline(transformer, vae, adapter=adapter, face_analyzer=analyzer)
         for mode, start_t in modes.items():
             methods[mode][name] = generate(pipe, bench, out / f"gen-{mode}" / name, cfg.sample_steps, start_t)
-        pipe.set_identity_adapter(None)
         timings["generation"] += time.perf_counter() - t
+        t = time.perf_counter()
+        probes[name] = denoise_probe(pipe, bench, net, cfg.probe_t)
+        timings["probe"] += time.perf_counter() - t
+        pipe.set_identity_adapter(None)
 
     for seed in cfg.seeds:
         gen_all(f"untrained-s{seed}", new_adapter(seed, net.embedding_dim).eval())
@@ -424,10 +482,18 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
                             "spread": float(np.max(vals) - np.min(vals)) if vals else None,
                             "std": float(np.std(vals)) if vals else None, "per_seed": vals}
             arms[arm] = entry
-        grid = grid_image(bench, methods[mode], ["untrained-s0", *[f"{a}-s0" for a in cfg.arms]],
+        s0 = cfg.seeds[0]
+        grid = grid_image(bench, methods[mode], [f"untrained-s{s0}", *[f"{a}-s{s0}" for a in cfg.arms]],
                           out / f"grid-{mode}.png", cfg.grid_samples)
         evals[mode] = {"arms": arms, "per_method": per_method, "grid": str(grid), "start_t": modes[mode]}
     timings["bench"] = time.perf_counter() - t
+    probe_arms: dict[str, Any] = {}
+    for arm in ("untrained", *cfg.arms):
+        runs = [probes[f"{arm}-s{s}"] for s in cfg.seeds if f"{arm}-s{s}" in probes]
+        probe_arms[arm] = {k: {"mean": float(np.mean(v)) if (v := [r[k] for r in runs if r[k] is not None]) else None,
+                               "spread": float(np.ptp(v)) if v else None, "per_seed": v}
+                           for k in ("sim_gt", "sim_ref", "cp_all", "identity_confusion")}
+    evals["probe"] = {"arms": probe_arms, "per_method": probes, "t": cfg.probe_t}
     timings = {k: round(v, 1) for k, v in timings.items()}
     result = {"arms": evals["noise"]["arms"], "per_method": evals["noise"]["per_method"], "evals": evals,
               "face_model": face_info, "timings_s": timings, "total_s": round(time.perf_counter() - t_start, 1),
@@ -437,15 +503,17 @@ def run_experiment(cfg: MiniConfig) -> dict[str, Any]:
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The one-line JSON: per-arm means and the face model's held-out verification accuracy."""
-    short = {"sim_gt": "sim_gt", "sim_ref": "sim_ref", "cp": "cp", "identity_confusion": "id_confusion",
-             "count_acc": "count_acc"}
+    """The one-line JSON: per-arm means (from noise; then the other evaluations) and the face model's
+    held-out verification accuracy."""
+    short = {"sim_gt": "sim_gt", "sim_ref": "sim_ref", "cp": "cp", "cp_all": "cp_all",
+             "identity_confusion": "id_confusion", "count_acc": "count_acc"}
+
     def means(arms: dict[str, Any]) -> dict[str, Any]:
-        return {arm: {short[k]: (None if v[k]["mean"] is None else round(v[k]["mean"], 4)) for k in short}
+        return {arm: {short[k]: (None if v[k]["mean"] is None else round(v[k]["mean"], 4)) for k in short if k in v}
                 for arm, v in arms.items()}
 
     fm = result["face_model"]["heldout"]
-    extra = {f"arms_from_{m}": means(e["arms"]) for m, e in result.get("evals", {}).items() if m != "noise"}
-    return {"benchmark": "mini", "arms": means(result["arms"]), **extra, "face_verification_acc": round(fm["accuracy"], 4),
-            "face_same_person_cos": round(fm["same_mean"], 4), "seeds": len(result["config"]["seeds"]),
-            "total_s": result["total_s"]}
+    extra = {f"arms_{m}": means(e["arms"]) for m, e in result.get("evals", {}).items() if m != "noise"}
+    return {"benchmark": "mini", "arms": means(result["arms"]), **extra,
+            "face_verification_acc": round(fm["accuracy"], 4), "face_same_person_cos": round(fm["same_mean"], 4),
+            "seeds": len(result["config"]["seeds"]), "total_s": result["total_s"]}
