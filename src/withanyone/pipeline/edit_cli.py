@@ -233,7 +233,8 @@ def edit_command(
     adapter: str = typer.Option("WithAnyone/WithAnyone", "--adapter", help="Adapter hub id, folder or "
                                 ".safetensors (the WithAnyone.Ke file)."),
     adapter_file: str | None = typer.Option(None, "--adapter-file", help="File name of the Ke checkpoint inside "
-                                            "--adapter (default: the release's)."),
+                                            "--adapter (default withanyone_kontext_edit.safetensors, assumed: the "
+                                            "release names no file)."),
     face_pack: str = typer.Option("antelopev2", "--face-pack", help="insightface pack (name or folder)."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (bf16 on GPU, fp32 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:N), mps or xpu."),
