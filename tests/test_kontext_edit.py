@@ -246,6 +246,8 @@ def test_prepare_edit_errors_are_one_line():
         (dict(references=2, replace=[0, 0]), "twice"),
         (dict(references=1, replace=[0], boxes=[(0, 0, 10, 10)]), "not both"),
         (dict(references=1, canvas="wide"), "canvas must be one of"),
+        (dict(references=1, replace=[0], min_blur_face=-5), "min_blur_face must be a finite number"),
+        (dict(references=1, replace=[0], feather=float("nan")), "feather must be a finite number"),
     ]
     for kwargs, needle in cases:
         with pytest.raises(EditError) as err:

@@ -187,8 +187,7 @@ def blur_faces(image: Any, boxes: BoxList, radius: float = RELEASE_BLUR_RADIUS,
     (``radius``) of that region of the original; ``feather`` > 0 (our option) blends it in through a mask that
     fades over ``feather`` px inside the box edge instead of a hard paste."""
     img = _pil(image)
-    if feather < 0 or not math.isfinite(feather):
-        raise EditError(f"feather must be a finite number of pixels ≥ 0, got {feather!r}")
+    _check_pixels(feather=feather, min_face=min_face)
     valid = [b for b in boxes if b[2] - b[0] >= min_face and b[3] - b[1] >= min_face]
     out = img.copy()
     w, h = img.size
@@ -208,6 +207,13 @@ def blur_faces(image: Any, boxes: BoxList, radius: float = RELEASE_BLUR_RADIUS,
         mask = mask.filter(ImageFilter.GaussianBlur(radius=feather / 2))
         out.paste(region, (x1, y1), mask)
     return out
+
+
+def _check_pixels(**values: float) -> None:
+    """Each named value is a finite number of pixels ≥ 0, else :class:`EditError` naming it."""
+    for key, v in values.items():
+        if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+            raise EditError(f"{key} must be a finite number of pixels ≥ 0, got {v!r}")
 
 
 def detect_faces(photo: Any, analyzer: Any, order: str = "left") -> list[Any]:
@@ -320,6 +326,7 @@ def prepare_edit(photo: Any, references: Sequence[Any] | int, analyzer: Any = No
     unblurred (release: every face is blurred); ``feather`` softens the blur's edge. ``faces`` skips detection.
     """
     name = _name(photo)
+    _check_pixels(feather=feather, min_blur_face=min_blur_face)  # bad values first, before any face work
     if canvas not in CANVASES:
         raise EditError(f"canvas must be one of {', '.join(CANVASES)}, got {canvas!r}")
     if not isinstance(size, int) or size < 16 or size % 16:

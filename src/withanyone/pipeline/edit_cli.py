@@ -109,7 +109,8 @@ def check_replace(photo: Path, faces: Sequence[Any], replace: list[int] | None, 
 #: The Python API's words in the edit's error messages → the command line's.
 _CLI_WORDS = (("canvas='photo'", "--canvas photo"), ("keep_unreplaced=True", "--keep-unreplaced"),
               ("replace=[face indices]", "--replace"), ("pass boxes=", "pass --box"), ("boxes=", "--box"),
-              ("replace=", "--replace "), ("`boxes`", "--box"), ("feather must", "--feather must"))
+              ("replace=", "--replace "), ("`boxes`", "--box"), ("feather must", "--feather must"),
+              ("min_blur_face must", "--min-blur-face must"))
 
 
 def cli_words(message: str, photo: Path) -> str:
