@@ -454,6 +454,9 @@ def test_missing_faces_listed_and_malformed_metadata_named(mini, tmp_path):
                                    str(tmp_path / "cli"), "--limit", "2", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "2 samples" in res.output and sorted(p.name for p in (tmp_path / "cli").iterdir() if p.is_dir()) == ["0", "1"]
+    res = CliRunner().invoke(app, ["convert", "multihuman-testbench", "--repo", str(repo), "--out",
+                                   str(tmp_path / "neg"), "--limit", "-2"])
+    assert res.exit_code == 1 and "--limit must be at least 1" in res.output and not (tmp_path / "neg").exists()
 
 
 def test_action_and_hps_not_computed_without_local_models(tmp_path):

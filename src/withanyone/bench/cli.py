@@ -222,6 +222,8 @@ def _convert_multihuman(repo: Path | None, faces: Path | None, out: Path, limit:
 
     if repo is None:
         fail("multihuman-testbench: --repo DIR (the MultiHuman-Testbench checkout) is required")
+    if limit is not None and limit < 1:
+        fail(f"--limit must be at least 1 (the first N prompts), got {limit}")
     _check_out(out)
     try:
         b, rep = convert_multihuman(repo, out, faces=faces, limit=limit, progress=progress)
