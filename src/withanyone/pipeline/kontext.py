@@ -42,7 +42,7 @@ EDIT_SIGLIP_REFUSAL = (
 # Methods shared with WithAnyonePipeline verbatim (they touch only the identity state set by init_identity_state).
 _SHARED = ("set_identity_adapter", "set_siglip", "set_face_analyzer", "siglip_loaded", "load_siglip",
            "set_matting", "matting_loaded", "load_matting", "check_identity_inputs",
-           "prepare_identities", "face_analyzer_spec", "_is_offloading")
+           "prepare_identities", "face_analyzer_spec", "_is_offloading", "face_analyzer")
 
 
 @dataclass
@@ -56,6 +56,8 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
     """FLUX.1 Kontext with reference identities: edit a photo's faces (Ke) or generate from text (K)."""
 
     _optional_components = ["image_encoder", "feature_extractor", "adapter"]
+    #: the default analyzer detects at the release's edit threshold (gradio_edit.py's ``prepare(ctx_id=0)``)
+    face_det_thresh: float = EDIT_DET_THRESH
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                  adapter=None, image_encoder=None, feature_extractor=None):
@@ -103,19 +105,6 @@ class WithAnyoneKontextPipeline(FluxKontextPipeline):
         pipe.kontext_variant = variant
         return pipe
 
-    def face_analyzer(self) -> Any:
-        """The face analyzer for the base photo and the references: insightface ``antelopev2`` detecting at the
-        release's edit threshold (:data:`EDIT_DET_THRESH`, ``gradio_edit.py``'s ``prepare(ctx_id=0)``) unless
-        ``set_face_analyzer`` gave another; created on first use."""
-        if self._face_analyzer is None:
-            src = self._face_source if self._face_source is not None else "antelopev2"
-            if callable(src) and not isinstance(src, str):
-                self._face_analyzer = src()
-            else:
-                from ..faces import FaceAnalyzer
-
-                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=EDIT_DET_THRESH)
-        return self._face_analyzer
 
     def _base_call(self, **call: Any) -> Any:
         """FluxKontextPipeline's ``__call__`` (the shared identity body's base call)."""

@@ -80,6 +80,9 @@ class WithAnyonePipeline(FluxPipeline):
 
     _optional_components = ["image_encoder", "feature_extractor", "adapter"]
 
+    #: insightface detection threshold of the default face analyzer (the release's util.py: 0.4)
+    face_det_thresh: float = REFERENCE_DET_THRESH
+
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                  adapter=None, image_encoder=None, feature_extractor=None):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -148,7 +151,7 @@ class WithAnyonePipeline(FluxPipeline):
         return self._siglip
 
     def face_analyzer(self) -> Any:
-        """The face analyzer (insightface ArcFace by default, detecting at the release's 0.4), creating it now
+        """The face analyzer (insightface ArcFace by default, detecting at ``face_det_thresh``), creating it now
         if needed."""
         if self._face_analyzer is None:
             src = self._face_source if self._face_source is not None else "antelopev2"
@@ -157,7 +160,7 @@ class WithAnyonePipeline(FluxPipeline):
             else:
                 from ..faces import FaceAnalyzer
 
-                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=REFERENCE_DET_THRESH)
+                self._face_analyzer = FaceAnalyzer("insightface", pack=str(src), det_thresh=self.face_det_thresh)
         return self._face_analyzer
 
     def set_matting(self, model: Any, *, trust_remote_code: bool | None = None) -> None:
