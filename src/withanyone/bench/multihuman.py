@@ -137,18 +137,23 @@ def _lfs_hint(path: Path) -> str:
     return f"{path} is a git-LFS pointer, not the file: run `git lfs pull` in the repository"
 
 
+def _read_json(path: Path) -> Any:
+    """A published JSON file's content; a git-LFS pointer or unreadable JSON → :class:`MultiHumanFormatError`."""
+    if is_lfs_pointer(path):
+        raise MultiHumanFormatError(path, _lfs_hint(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MultiHumanFormatError(path, f"not readable JSON ({exc})") from exc
+
+
 def read_metadata(path: str | Path) -> list[Entry]:
     """The entries of ``multihuman_metadata.json`` (a JSON list), each checked (:func:`parse_entry`)."""
     path = Path(path)
     if not path.is_file():
         raise MultiHumanFormatError(path, "metadata file not found (expected data/multihuman_metadata.json "
                                           "of a MultiHuman-Testbench checkout)")
-    if is_lfs_pointer(path):
-        raise MultiHumanFormatError(path, _lfs_hint(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MultiHumanFormatError(path, f"not readable JSON ({exc})") from exc
+    data = _read_json(path)
     if not isinstance(data, list):
         raise MultiHumanFormatError(path, f"top level is a {type(data).__name__}, expected a list of entries")
     if not data:
@@ -166,12 +171,7 @@ def read_pose_keypoints(path: str | Path) -> dict[str, dict[str, Any]]:
     are matched to pose images by :func:`pose_key` (``"12"``, ``"12.png"`` or ``"data/poses/12.png"``).
     """
     path = Path(path)
-    if is_lfs_pointer(path):
-        raise MultiHumanFormatError(path, _lfs_hint(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MultiHumanFormatError(path, f"not readable JSON ({exc})") from exc
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise MultiHumanFormatError(path, f"top level is a {type(data).__name__}, expected an object "
                                           "pose name → keypoints")
